@@ -138,3 +138,8 @@ upstream * group_scale[g] * w_i / D * sign(y_pred - y_true); 0 for rows with a n
 )doc");
 
 }  // namespace tensorflow
+
+#include "build_info.h"
+// "GMAE_BUILD_INFO{...}" is found by grouped_mae_op/_loader.py without loading the library.
+extern "C" __attribute__((used, visibility("default"))) const char grouped_mae_build_info[] =
+    "GMAE_BUILD_INFO" GMAE_BUILD_INFO;

@@ -1,0 +1,61 @@
+# Every user-facing target sets itself up on a fresh machine: .venv with the pinned
+# requirements, the Debian headers the XLA lowering needs, and an editable build.
+#   make test    build + the test suite (what CI runs)
+#   make bench   build + the CPU microbenchmark (python -m grouped_mae_op.bench)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.requirements-installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
+SOURCES := $(shell find csrc -type f) CMakeLists.txt setup.py pyproject.toml
+BUILD_STAMP := build/.installed
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: all venv system-deps build test bench example lint format fuzz sanitize docker-lint docker-steps gpu-check clean
+
+all: test
+
+$(DEPS_STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+venv: $(DEPS_STAMP)
+
+# Headers that TF's pip wheel lacks but its XLA headers include (see DEVELOPERS.md).
+system-deps:
+	@if [ ! -f /usr/include/farmhash.h ] || [ ! -d /usr/include/highwayhash ]; then \
+	  echo "Installing libhighwayhash-dev and libfarmhash-dev (XLA lowering headers)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq libhighwayhash-dev libfarmhash-dev; \
+	fi
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	@$(MAKE) --no-print-directory system-deps
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	@mkdir -p build && touch $@
+
+build: $(BUILD_STAMP)
+
+test: build
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: build
+	$(PY) -m grouped_mae_op.bench $(BENCH_ARGS)
+
+example: build
+	$(PY) examples/train_grouped.py
+
+lint: venv
+	$(PY) -m ruff check grouped_mae_op tests examples scripts
+	$(PY) -m ruff format --check grouped_mae_op tests examples scripts
+	clang-format --dry-run --Werror $$(find csrc -name '*.h' -o -name '*.cc' -o -name '*.cu')
+
+format: venv
+	$(PY) -m ruff format grouped_mae_op tests examples scripts
+	clang-format -i $$(find csrc -name '*.h' -o -name '*.cc' -o -name '*.cu')
+
+clean:
+	rm -rf build grouped_mae_op/_grouped_mae_ops*.so *.egg-info
