@@ -89,10 +89,11 @@ GMAE_HD Acc group_grad_scale(Acc weight_sum, Acc group_weight, Acc group_weight_
 }
 
 // Derivative of |x| with tf.abs's convention: sign(0) = 0, and NaN stays NaN.
+// Written as a select rather than a branch so that CPU loops over it vectorise.
 template <typename F>
 GMAE_HD F abs_grad(F x) {
-  if (x != x) return x;
-  return static_cast<F>((x > F(0)) - (x < F(0)));
+  const F sign = F(x > F(0)) - F(x < F(0));
+  return x != x ? x : sign;
 }
 
 // Gradient of one element: upstream * group scale * row weight / D * sign(pred - true).

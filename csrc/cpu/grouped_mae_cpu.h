@@ -2,20 +2,32 @@
 //
 // Forward: rows are split into a fixed number of contiguous shards. Each shard accumulates
 // S and W in float64 partial arrays of length G; the partials are then summed per group in
-// shard order. The split depends only on N, G and the shard count the caller asks for, so a
-// given machine gets bitwise-identical results from run to run. Validation (ids < G,
-// weights >= 0) happens in the same pass; the first bad row (lowest index) is reported.
+// a fixed order (shard, then copy). The split depends only on N, G and the shard count the
+// caller asks for, and each block's path (below) only on its ids, so a given machine gets
+// bitwise-identical results from run to run. Validation (ids < G, weights >= 0) happens in
+// the same pass; the first bad row (lowest index) is reported.
 //
-// Memory: shards * G * 16 bytes of partials. The shard count is capped so that this stays
-// under kPartialBudgetBytes; with one shard the output arrays are accumulated into directly.
+// Within a shard, rows go in blocks of kBlock. A block's ids (and weights) are range-checked
+// in one vectorisable sweep; a block with a negative or bad id, or a bad weight, takes the
+// plain per-row loop, which skips ignored rows and finds the first bad row. A clean block
+// stages its row errors in a small buffer (vectorisable for D == 1) and adds them with the
+// cheapest update for its id pattern:
+//   - one id for the whole block (sorted ids, long runs): one sum, one update;
+//   - few id changes (sorted ids, shorter runs): one update per run;
+//   - otherwise (unsorted ids): a scatter into kCopies interleaved copies of the partials
+//     when G is small, so that repeated ids do not wait on each other's read-modify-write
+//     through memory, and into a single copy when G is large (repeats are rare there, and
+//     copies would multiply memory).
+//
+// Memory: shards * copies * G * 16 bytes of partials. The shard count is capped so that
+// this stays under kPartialBudgetBytes (copies > 1 only for G <= kMaxGroupsForCopies).
 //
 // Accumulation is in float64 for every input type (the spec asks for at least float32 for
-// 16-bit inputs): the pass is memory-bound, so the wider adds cost nothing measurable and
-// they keep 16M rows in one group exact to ~1e-12.
+// 16-bit inputs): the pass is memory-bound, so the wider adds cost little, and they keep
+// 16M rows in one group exact to ~1e-12.
 //
 // The threading is injected: `run_shards(n, fn)` must call fn(s) for s in [0, n), in any
-// order and concurrently. The TF binding passes TF's intra-op pool; the TF-free module a
-// std::thread pool.
+// order and concurrently. The TF binding passes TF's intra-op pool.
 #pragma once
 
 #include <algorithm>
@@ -31,6 +43,9 @@ namespace cpu {
 
 constexpr int64_t kMinRowsPerShard = 1 << 15;
 constexpr int64_t kPartialBudgetBytes = int64_t(64) << 20;
+constexpr int64_t kBlock = 256;
+constexpr int64_t kCopies = 4;
+constexpr int64_t kMaxGroupsForCopies = 256;
 
 struct RowError {
   BadInput kind = BadInput::kNone;
@@ -53,17 +68,28 @@ struct Inputs {
   int64_t g;               // num_groups
 };
 
-// Number of shards for the forward pass.
+// Copies of the partial arrays each forward shard keeps (see the file comment).
+inline int64_t forward_copies(int64_t g) { return g <= kMaxGroupsForCopies ? kCopies : 1; }
+
+// Number of shards for the forward pass. A shard costs O(G) to clear and merge, so it must
+// also have at least G rows to be worth it.
 inline int64_t forward_shards(int64_t n, int64_t g, int64_t threads) {
-  int64_t by_rows = std::max<int64_t>(1, n / kMinRowsPerShard);
-  int64_t by_memory = std::max<int64_t>(1, kPartialBudgetBytes / std::max<int64_t>(1, 16 * g));
+  int64_t by_rows = std::max<int64_t>(1, n / std::max(kMinRowsPerShard, g));
+  int64_t by_memory =
+      std::max<int64_t>(1, kPartialBudgetBytes / std::max<int64_t>(1, 16 * g * forward_copies(g)));
   return std::max<int64_t>(1, std::min({threads, by_rows, by_memory}));
 }
 
-// Accumulate rows [begin, end) into s[g], w[g] (float64). Returns the first bad row.
+// Doubles of scratch that `stats` needs besides the [G] sums and weights.
+inline int64_t forward_scratch_doubles(int64_t g, int64_t shards) {
+  return 2 * g * std::max<int64_t>(1, shards) * forward_copies(g);
+}
+
+namespace detail {
+
+// Per-row loop with every check, for blocks that hold an ignored or a bad row.
 template <typename T, typename Idx>
-RowError accumulate(const Inputs<T, Idx>& in, int64_t begin, int64_t end, double* s,
-                    double* w) {
+RowError accumulate_rows(const Inputs<T, Idx>& in, int64_t begin, int64_t end, double* sw) {
   RowError err;
   const uint64_t g_max = static_cast<uint64_t>(in.g);
   for (int64_t i = begin; i < end; ++i) {
@@ -80,48 +106,164 @@ RowError accumulate(const Inputs<T, Idx>& in, int64_t begin, int64_t end, double
         err.kind = BadInput::kSampleWeight, err.index = i, err.value = wi;
         return err;
       }
-      s[id] += wi * e;
-      w[id] += wi;
+      sw[2 * id] += wi * e;
+      sw[2 * id + 1] += wi;
     } else {
-      s[id] += e;
-      w[id] += 1.0;
+      sw[2 * id] += e;
+      sw[2 * id + 1] += 1.0;
     }
   }
   return err;
 }
 
+// True when every id in [0, g): one branch-free sweep (negative ids wrap to huge unsigned).
+template <typename Idx>
+inline bool ids_in_range(const Idx* __restrict ids, int64_t m, int64_t g) {
+  using U = std::make_unsigned_t<Idx>;
+  const U limit = static_cast<U>(g);
+  U bad = 0;  // an integer OR-reduction vectorises, a bool one does not
+  for (int64_t k = 0; k < m; ++k) bad |= static_cast<U>(static_cast<U>(ids[k]) >= limit);
+  return bad == 0;
+}
+
+template <typename T>
+inline bool weights_valid(const T* __restrict sw, int64_t m) {
+  int32_t bad = 0;
+  for (int64_t k = 0; k < m; ++k) bad |= static_cast<int32_t>(!valid_weight(widen(sw[k])));
+  return bad == 0;
+}
+
+// Number of k in [1, m) with ids[k] != ids[k-1].
+template <typename Idx>
+inline int64_t id_changes(const Idx* __restrict ids, int64_t m) {
+  int64_t c = 0;
+  for (int64_t k = 1; k < m; ++k) c += ids[k] != ids[k - 1];
+  return c;
+}
+
+// Sum in a fixed order with four running sums (breaks the add-latency chain).
+inline double sum4(const double* __restrict x, int64_t m) {
+  double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+  int64_t k = 0;
+  for (; k + 4 <= m; k += 4) a0 += x[k], a1 += x[k + 1], a2 += x[k + 2], a3 += x[k + 3];
+  for (; k < m; ++k) a0 += x[k];
+  return (a0 + a1) + (a2 + a3);
+}
+
+// Row errors of rows [i0, i0 + m) into e; with sample weights, e = w * err and wt = w.
+template <typename T, typename Idx>
+inline void row_errors(const Inputs<T, Idx>& in, int64_t i0, int64_t m, double* __restrict e,
+                       double* __restrict wt) {
+  if (in.d == 1) {
+    const T* __restrict t = in.y_true + i0;
+    const T* __restrict p = in.y_pred + i0;
+    for (int64_t k = 0; k < m; ++k) e[k] = row_error<double>(t, p, k, 1);
+  } else {
+    for (int64_t k = 0; k < m; ++k) e[k] = row_error<double>(in.y_true, in.y_pred, i0 + k, in.d);
+  }
+  if (in.sample_weight != nullptr) {
+    const T* __restrict sw = in.sample_weight + i0;
+    for (int64_t k = 0; k < m; ++k) {
+      wt[k] = widen(sw[k]);
+      e[k] *= wt[k];
+    }
+  }
+}
+
+}  // namespace detail
+
+// Accumulate rows [begin, end) into the partials part[c] (c in [0, copies)), each holding
+// S_g at [2g] and W_g at [2g + 1] (float64; one cache line per update). Returns the first
+// bad row.
+template <typename T, typename Idx>
+RowError accumulate(const Inputs<T, Idx>& in, int64_t begin, int64_t end, double* const* part,
+                    int64_t copies) {
+  using namespace detail;
+  const bool weighted = in.sample_weight != nullptr;
+  alignas(64) double e[kBlock];
+  alignas(64) double wt[kBlock];
+  double* const p0 = part[0];
+  for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+    const int64_t m = std::min(kBlock, end - i0);
+    const Idx* __restrict ids = in.ids + i0;
+    if (!ids_in_range(ids, m, in.g) || (weighted && !weights_valid(in.sample_weight + i0, m))) {
+      RowError err = accumulate_rows(in, i0, i0 + m, p0);
+      if (err.kind != BadInput::kNone) return err;
+      continue;
+    }
+    row_errors(in, i0, m, e, wt);
+    const int64_t changes = id_changes(ids, m);
+    if (changes == 0) {  // one id for the whole block
+      const int64_t id = static_cast<int64_t>(ids[0]);
+      p0[2 * id] += sum4(e, m);
+      p0[2 * id + 1] += weighted ? sum4(wt, m) : static_cast<double>(m);
+    } else if (changes * 8 <= m) {  // runs of one id: one update per run
+      for (int64_t a = 0; a < m;) {
+        const int64_t id = static_cast<int64_t>(ids[a]);
+        int64_t b = a + 1;
+        while (b < m && ids[b] == ids[a]) ++b;
+        p0[2 * id] += sum4(e + a, b - a);
+        p0[2 * id + 1] += weighted ? sum4(wt + a, b - a) : static_cast<double>(b - a);
+        a = b;
+      }
+    } else if (copies == kCopies) {
+      double *q0 = part[0], *q1 = part[1], *q2 = part[2], *q3 = part[3];
+      int64_t k = 0;
+      for (; k + 4 <= m; k += 4) {
+        const int64_t a = 2 * static_cast<int64_t>(ids[k]);
+        const int64_t b = 2 * static_cast<int64_t>(ids[k + 1]);
+        const int64_t c = 2 * static_cast<int64_t>(ids[k + 2]);
+        const int64_t d = 2 * static_cast<int64_t>(ids[k + 3]);
+        q0[a] += e[k], q0[a + 1] += weighted ? wt[k] : 1.0;
+        q1[b] += e[k + 1], q1[b + 1] += weighted ? wt[k + 1] : 1.0;
+        q2[c] += e[k + 2], q2[c + 1] += weighted ? wt[k + 2] : 1.0;
+        q3[d] += e[k + 3], q3[d + 1] += weighted ? wt[k + 3] : 1.0;
+      }
+      for (; k < m; ++k) {
+        const int64_t a = 2 * static_cast<int64_t>(ids[k]);
+        q0[a] += e[k], q0[a + 1] += weighted ? wt[k] : 1.0;
+      }
+    } else {
+      for (int64_t k = 0; k < m; ++k) {
+        const int64_t a = 2 * static_cast<int64_t>(ids[k]);
+        p0[a] += e[k], p0[a + 1] += weighted ? wt[k] : 1.0;
+      }
+    }
+  }
+  return RowError{};
+}
+
 // Forward statistics. `sums` and `weights` (float64, length g) receive S and W.
-// `scratch` must hold 2 * g * (shards - 1) doubles when shards > 1.
+// `scratch` must hold forward_scratch_doubles(g, shards) doubles.
 template <typename T, typename Idx, typename RunShards>
 RowError stats(const Inputs<T, Idx>& in, int64_t shards, double* sums, double* weights,
                double* scratch, RunShards&& run_shards) {
-  std::fill(sums, sums + in.g, 0.0);
-  std::fill(weights, weights + in.g, 0.0);
-  if (shards <= 1) return accumulate(in, 0, in.n, sums, weights);
-
+  shards = std::max<int64_t>(1, shards);
+  const int64_t g = in.g;
+  const int64_t copies = forward_copies(g);
+  const int64_t parts = shards * copies;
+  // Partial p belongs to shard p / copies; its copy is p % copies.
+  std::vector<double*> part(parts);
+  for (int64_t p = 0; p < parts; ++p) part[p] = scratch + 2 * g * p;
   std::vector<RowError> errs(shards);
-  std::fill(scratch, scratch + 2 * in.g * (shards - 1), 0.0);
   run_shards(shards, [&](int64_t sh) {
+    std::fill(part[sh * copies], part[sh * copies] + 2 * g * copies, 0.0);
     const int64_t begin = in.n * sh / shards, end = in.n * (sh + 1) / shards;
-    double* s = sh == 0 ? sums : scratch + 2 * in.g * (sh - 1);
-    double* w = sh == 0 ? weights : s + in.g;
-    errs[sh] = accumulate(in, begin, end, s, w);
+    errs[sh] = accumulate(in, begin, end, &part[sh * copies], copies);
   });
   RowError first;
   for (const auto& e : errs) first.keep_first(e);
   if (first.kind != BadInput::kNone) return first;
 
-  // Fixed-order merge, parallel over group ranges.
-  const int64_t merge_parts = std::min<int64_t>(shards, std::max<int64_t>(1, in.g / 4096));
-  run_shards(merge_parts, [&](int64_t part) {
-    const int64_t gb = in.g * part / merge_parts, ge = in.g * (part + 1) / merge_parts;
-    for (int64_t sh = 1; sh < shards; ++sh) {
-      const double* s = scratch + 2 * in.g * (sh - 1);
-      const double* w = s + in.g;
-      for (int64_t k = gb; k < ge; ++k) {
-        sums[k] += s[k];
-        weights[k] += w[k];
-      }
+  // Fixed-order merge (partial 0, 1, ...), parallel over group ranges.
+  const int64_t merge_parts = std::min<int64_t>(shards, std::max<int64_t>(1, g / 4096));
+  run_shards(merge_parts, [&](int64_t mp) {
+    const int64_t gb = g * mp / merge_parts, ge = g * (mp + 1) / merge_parts;
+    const double* __restrict q = part[0];
+    for (int64_t k = gb; k < ge; ++k) sums[k] = q[2 * k], weights[k] = q[2 * k + 1];
+    for (int64_t p = 1; p < parts; ++p) {
+      q = part[p];
+      for (int64_t k = gb; k < ge; ++k) sums[k] += q[2 * k], weights[k] += q[2 * k + 1];
     }
   });
   return first;
@@ -159,11 +301,12 @@ double finalize(const double* sums, const double* weights, const T* group_weight
   return finalize_loss(num, vsum);
 }
 
-// Backward over rows [begin, end): out = upstream * scale[g] * w_i / D * sign(pred - true).
-// Rows with a negative id get 0. Returns the first row with an id >= g.
+namespace detail {
+
+// Per-row backward with every check, for blocks that hold an ignored or a bad row.
 template <typename T, typename Idx, typename Out>
-RowError backward(const Inputs<T, Idx>& in, const Out* scale, Out upstream, int64_t begin,
-                  int64_t end, T* out) {
+RowError backward_rows(const Inputs<T, Idx>& in, const Out* scale, Out upstream, int64_t begin,
+                       int64_t end, T* out) {
   RowError err;
   const uint64_t g_max = static_cast<uint64_t>(in.g);
   const Out inv_d = Out(1) / static_cast<Out>(in.d);
@@ -186,6 +329,60 @@ RowError backward(const Inputs<T, Idx>& in, const Out* scale, Out upstream, int6
     }
   }
   return err;
+}
+
+}  // namespace detail
+
+// Backward over rows [begin, end): out = upstream * scale[g] * w_i / D * sign(pred - true).
+// Rows with a negative id get 0. Returns the first row with an id >= g.
+// Blocks whose ids are all in range run a branch-free loop (vectorisable for D == 1); the
+// others, the per-row loop. Both compute each element with the same expression.
+template <typename T, typename Idx, typename Out>
+RowError backward(const Inputs<T, Idx>& in, const Out* scale, Out upstream, int64_t begin,
+                  int64_t end, T* out) {
+  using namespace detail;
+  const Out inv_d = Out(1) / static_cast<Out>(in.d);
+  const bool weighted = in.sample_weight != nullptr;
+  for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+    const int64_t m = std::min(kBlock, end - i0);
+    const Idx* __restrict ids = in.ids + i0;
+    if (!ids_in_range(ids, m, in.g)) {
+      RowError err = backward_rows(in, scale, upstream, i0, i0 + m, out);
+      if (err.kind != BadInput::kNone) return err;
+      continue;
+    }
+    const T* __restrict sw = weighted ? in.sample_weight + i0 : nullptr;
+    if (in.d == 1) {
+      // The gather of scales first, then a loop the compiler vectorises.
+      alignas(64) Out f[kBlock];
+      for (int64_t k = 0; k < m; ++k) f[k] = scale[ids[k]];
+      const T* __restrict t = in.y_true + i0;
+      const T* __restrict p = in.y_pred + i0;
+      T* __restrict o = out + i0;
+      if (weighted) {
+        for (int64_t k = 0; k < m; ++k) {
+          const Out factor = upstream * f[k] * inv_d * static_cast<Out>(widen(sw[k]));
+          o[k] = static_cast<T>(element_grad(t[k], p[k], factor));
+        }
+      } else {
+        for (int64_t k = 0; k < m; ++k) {
+          const Out factor = upstream * f[k] * inv_d;
+          o[k] = static_cast<T>(element_grad(t[k], p[k], factor));
+        }
+      }
+    } else {
+      for (int64_t k = 0; k < m; ++k) {
+        Out factor = upstream * scale[ids[k]] * inv_d;
+        if (weighted) factor *= static_cast<Out>(widen(sw[k]));
+        const int64_t row = (i0 + k) * in.d;
+        for (int64_t j = 0; j < in.d; ++j) {
+          out[row + j] =
+              static_cast<T>(element_grad(in.y_true[row + j], in.y_pred[row + j], factor));
+        }
+      }
+    }
+  }
+  return RowError{};
 }
 
 }  // namespace cpu

@@ -148,7 +148,8 @@ struct Impl<CPUDevice, T, Idx> {
   // S and W in float64; returns them in a temp tensor of shape [2, G] (sums, then weights).
   static absl::Status Accumulate(OpKernelContext* ctx, const Rows<T, Idx>& rows, Tensor* sw) {
     const int64_t shards = gm::cpu::forward_shards(rows.n, rows.g, CpuThreads(ctx));
-    TF_RETURN_IF_ERROR(ctx->allocate_temp(DT_DOUBLE, TensorShape({2 * rows.g * shards}), sw));
+    const int64_t doubles = 2 * rows.g + gm::cpu::forward_scratch_doubles(rows.g, shards);
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(DT_DOUBLE, TensorShape({doubles}), sw));
     double* base = sw->flat<double>().data();
     auto err = gm::cpu::stats(rows, shards, base, base + rows.g, base + 2 * rows.g,
                               [ctx](int64_t n, const std::function<void(int64_t)>& fn) {
