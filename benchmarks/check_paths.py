@@ -101,6 +101,31 @@ def main():
         raise AssertionError("no error")
     except tf.errors.InvalidArgumentError as e:
         assert "sample_weight[120000] = nan" in str(e), str(e)
+    # Gradient buffer reuse (kernels.cc): a gradient still held must not be overwritten, and
+    # a reused buffer must hold the new values.
+    n = 1 << 20
+    ids = rng.integers(0, 10, n).astype(np.int32)
+
+    @tf.function
+    def grad_fn(yt, yp):
+        with tf.GradientTape() as tape:
+            tape.watch(yp)
+            loss = gm.grouped_mae(yt, yp, ids, 10)
+        return tape.gradient(loss, yp)
+
+    yt = np.zeros(n, np.float32)
+    a, b = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    g1 = grad_fn(yt, a)
+    kept = g1.numpy().copy()
+    g2 = grad_fn(yt, b)
+    assert np.array_equal(g1.numpy(), kept), "a held gradient was overwritten"
+    np.testing.assert_allclose(g2.numpy(), formula(yt, b, ids, 10)[3], rtol=1e-5)
+    del g1, g2
+    for _ in range(3):
+        for x in (a, b):
+            np.testing.assert_allclose(
+                grad_fn(yt, x).numpy(), formula(yt, x, ids, 10)[3], rtol=1e-5
+            )
     # Precision contract: 16M float32 rows in one group.
     n = 1 << 24
     yp = rng.standard_normal(n).astype(np.float32)

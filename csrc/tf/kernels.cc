@@ -12,14 +12,18 @@
 #include "cuda/grouped_mae_cuda.h"
 #endif
 
+#include <cstdlib>
 #include <functional>
 #include <limits>
+#include <string>
+#include <type_traits>
 
 #include "cpu/grouped_mae_cpu.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/platform/blocking_counter.h"
+#include "tensorflow/core/platform/mutex.h"
 
 namespace tensorflow {
 namespace grouped_mae_tf {
@@ -368,12 +372,43 @@ class GroupedMaeGradOp : public OpKernel {
                                         upstream.shape().DebugString()));
     rows.g = scale.dim_size(0);
     Tensor* out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(1).shape(), &out));
+    OP_REQUIRES_OK(ctx, AllocateGrad(ctx, ctx->input(1).shape(), &out));
     Impl<Device, T, Idx>::Grad(ctx, rows, scale.flat<OutT<T>>().data(), upstream, out);
   }
 
  private:
+  // The gradient is as large as y_pred. TF's default CPU allocator returns large buffers to
+  // the OS when they are freed, so a fresh one costs a page fault per 4 KiB on every call:
+  // at 16M rows that is several times the kernel itself. On the CPU the kernel therefore
+  // keeps its last output and hands it out again once nobody else holds it (a training loop
+  // that drops each step's gradient). The cost: one gradient-sized buffer stays allocated
+  // between calls. GMAE_CPU_REUSE_GRAD=0 turns this off.
+  static constexpr int64_t kReuseMinBytes = int64_t(1) << 20;
+
+  absl::Status AllocateGrad(OpKernelContext* ctx, const TensorShape& shape, Tensor** out) {
+    if (!reuse_grad_ || shape.num_elements() * int64_t(sizeof(T)) < kReuseMinBytes) {
+      return ctx->allocate_output(0, shape, out);
+    }
+    mutex_lock lock(mu_);
+    if (last_grad_.IsInitialized() && last_grad_.shape() == shape && last_grad_.RefCountIsOne()) {
+      ctx->set_output(0, last_grad_);
+      *out = ctx->mutable_output(0);
+      return absl::OkStatus();
+    }
+    TF_RETURN_IF_ERROR(ctx->allocate_output(0, shape, out));
+    last_grad_ = **out;
+    return absl::OkStatus();
+  }
+
+  static bool ReuseGradEnabled() {
+    const char* env = std::getenv("GMAE_CPU_REUSE_GRAD");
+    return env == nullptr || std::string(env) != "0";
+  }
+
   bool has_sample_weight_ = false;
+  const bool reuse_grad_ = std::is_same<Device, CPUDevice>::value && ReuseGradEnabled();
+  mutex mu_;
+  Tensor last_grad_ TF_GUARDED_BY(mu_);
 };
 
 #define GMAE_REGISTER(DEV, DEVICE, T, Idx)                                                 \
