@@ -1,7 +1,7 @@
 // Framework-free timing of the CPU kernels (csrc/cpu/grouped_mae_cpu.h), for tuning them
 // without TensorFlow's per-op overhead. Not part of the build; compile by hand:
 //   g++ -O3 -std=c++17 -pthread -Icsrc benchmarks/kernel_bench.cc -o /tmp/kernel_bench
-//   /tmp/kernel_bench [N] [threads]
+//   /tmp/kernel_bench [N] [threads] [G]
 // Prints median milliseconds for: one streaming read of (y_true, y_pred, ids), the forward
 // statistics + finalize, the backward, for G in {10, 1000, 100000} x {sorted, uniform} ids.
 #include <algorithm>
@@ -16,6 +16,11 @@
 #include <vector>
 
 #include "cpu/grouped_mae_cpu.h"
+
+// A variant header with another accumulator type can be timed with -DACC_T=float.
+#ifndef ACC_T
+#define ACC_T double
+#endif
 
 namespace gm = grouped_mae;
 
@@ -73,13 +78,19 @@ int main(int argc, char** argv) {
       reps);
   printf("N=%lld threads=%lld floor(read 12 B/row)=%.3f ms\n", (long long)n, (long long)threads,
          floor_ms);
-  for (int64_t g : {10, 1000, 100000}) {
+  // Exact mean |p - t| for the one-group accuracy check.
+  long double exact = 0;
+  for (int64_t i = 0; i < n; ++i) exact += std::fabs(double(p[i]) - double(t[i]));
+  exact /= n;
+  std::vector<int64_t> groups = {1, 10, 1000, 100000};
+  if (argc > 3) groups = {atoll(argv[3])};  // one G only
+  for (int64_t g : groups) {
     for (int sorted = 1; sorted >= 0; --sorted) {
       std::uniform_int_distribution<int32_t> ud(0, g - 1);
       for (int64_t i = 0; i < n; ++i) ids[i] = sorted ? int32_t(i * g / n) : ud(rng);
       gm::cpu::Inputs<float, int32_t> in{t.data(), p.data(), ids.data(), nullptr, n, 1, g};
       const int64_t shards = gm::cpu::forward_shards(n, g, threads);
-      std::vector<double> acc(2 * g + gm::cpu::forward_scratch_doubles(g, shards));
+      std::vector<ACC_T> acc(2 * g + gm::cpu::forward_scratch_doubles(g, shards));
       std::vector<float> scale(g);
       double loss = 0;
       double fwd = median_ms(
@@ -99,8 +110,10 @@ int main(int argc, char** argv) {
             });
           },
           reps);
-      printf("G=%-7lld %-8s fwd %8.3f ms  bwd %8.3f ms  sum/floor %.2f  loss %.9f\n", (long long)g,
+      printf("G=%-7lld %-8s fwd %8.3f ms  bwd %8.3f ms  sum/floor %.2f  loss %.9f", (long long)g,
              sorted ? "sorted" : "uniform", fwd, bwd, (fwd + bwd) / floor_ms, loss);
+      if (g == 1) printf("  rel err vs exact %.2e", double(std::fabs(loss - exact) / exact));
+      printf("\n");
     }
   }
   return sink == 12345.0;

@@ -14,6 +14,8 @@ slows all of them alike), each inside one tf.function, warmed up, median of the 
   floor         one streaming read of the inputs (y_true, y_pred, group_ids: 12 bytes a row for
                 float32): reduce_sum of each, in TF's own thread pool; a lower bound for the
                 forward, which must read them all once
+  empty         a tf.function with the same inputs that does nothing: TF's fixed cost per call,
+                which bounds every speedup at small N
 Modes: fwd (the loss) and fwdbwd (the loss and its gradient with respect to y_pred).
 
 Writes to --out (default bench_results/): results.json (every timing, the machine, TF, the build),
@@ -42,18 +44,33 @@ import tensorflow as tf  # noqa: E402
 import grouped_mae_op as gm  # noqa: E402
 from grouped_mae_op import reference  # noqa: E402
 
-IMPLS = ("fused", "reference", "segment_mean", "floor")
+IMPLS = ("fused", "reference", "segment_mean", "floor", "empty")
 MODES = ("fwd", "fwdbwd")
 LAYOUTS = ("sorted", "uniform", "zipf")
-DTYPES = {"float16": tf.float16, "bfloat16": tf.bfloat16, "float32": tf.float32,
-          "float64": tf.float64}
+DTYPES = {
+    "float16": tf.float16,
+    "bfloat16": tf.bfloat16,
+    "float32": tf.float32,
+    "float64": tf.float64,
+}
 PROFILES = {
     # The issue's targets: N = 1K, 1M, 16M; G = 10, 1000, 100000; sorted and unsorted ids.
-    "quick": dict(n=[2**10, 2**20, 2**24], g=[10, 1000, 100_000], layout=["sorted", "uniform"],
-                  dtype=["float32"], reps=7, min_time=0.0),
-    "full": dict(n=[2**k for k in range(10, 25, 2)], g=[1, 10, 100, 1000, 10**4, 10**5, 10**6],
-                 layout=list(LAYOUTS), dtype=["float32", "float16", "float64"], reps=9,
-                 min_time=0.0),
+    "quick": dict(
+        n=[2**10, 2**20, 2**24],
+        g=[10, 1000, 100_000],
+        layout=["sorted", "uniform"],
+        dtype=["float32"],
+        reps=7,
+        min_time=0.4,
+    ),
+    "full": dict(
+        n=[2**k for k in range(10, 25, 2)],
+        g=[1, 10, 100, 1000, 10**4, 10**5, 10**6],
+        layout=list(LAYOUTS),
+        dtype=["float32", "float16", "float64"],
+        reps=9,
+        min_time=0.5,
+    ),
 }
 
 
@@ -91,6 +108,11 @@ def _floor(y_true, y_pred, ids):
     return tf.reduce_sum(y_true), tf.reduce_sum(y_pred), tf.reduce_sum(ids)
 
 
+def _empty(y_true, y_pred, ids):
+    del y_pred, ids
+    return tf.identity(y_true[:1])
+
+
 LOSSES = {
     "fused": lambda yt, yp, ids, g: gm.grouped_mae(yt, yp, ids, g),
     "reference": lambda yt, yp, ids, g: reference.grouped_mae(yt, yp, ids, g),
@@ -102,6 +124,8 @@ def build_fn(impl: str, mode: str, g: int):
     """A tf.function (y_true, y_pred, ids) -> loss, or (loss, grad wrt y_pred)."""
     if impl == "floor":
         return tf.function(_floor)
+    if impl == "empty":
+        return tf.function(_empty)
     loss_fn = LOSSES[impl]
     if mode == "fwd":
         return tf.function(lambda yt, yp, ids: loss_fn(yt, yp, ids, g))
@@ -130,11 +154,17 @@ def _sync(device: str) -> None:
 
 def _first_value(out) -> float:
     first = out[0] if isinstance(out, (tuple, list)) else out
-    return float(first.numpy())
+    return float(np.ravel(first.numpy())[0])
 
 
-def time_side_by_side(fns: dict, args, device: str, reps: int, min_time: float, warmup: int = 2):
-    """{name: [seconds per call]}: every repetition runs each fn once, in turn."""
+def time_side_by_side(
+    fns: dict, args, device: str, reps: int, min_time: float, max_time: float, warmup: int = 2
+):
+    """{name: [seconds per call]}: every repetition runs each fn once, in turn.
+
+    Repeats `reps` times and for at least `min_time` seconds, but stops after 3 repetitions
+    once `max_time` seconds have passed (the composite takes seconds a call at 16M rows).
+    """
     values = {}
     for name, fn in fns.items():
         for _ in range(warmup):
@@ -144,7 +174,12 @@ def time_side_by_side(fns: dict, args, device: str, reps: int, min_time: float, 
     times = {name: [] for name in fns}
     start = time.perf_counter()
     r = 0
-    while r < reps or time.perf_counter() - start < min_time:
+    while True:
+        elapsed = time.perf_counter() - start
+        if r >= 3 and elapsed > max_time:
+            break
+        if r >= reps and elapsed >= min_time:
+            break
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn(*args)
@@ -166,8 +201,11 @@ def _status_kib(field: str) -> int:
 def _memory_child(impl: str, n: int, g: int, layout: str, dtype: str, d: int, device: str):
     y_true, y_pred, ids = make_inputs(n, g, layout, dtype, d)
     with tf.device(device.upper() + ":0"):
-        args = [tf.constant(y_true, DTYPES[dtype]), tf.constant(y_pred, DTYPES[dtype]),
-                tf.constant(ids)]
+        args = [
+            tf.constant(y_true, DTYPES[dtype]),
+            tf.constant(y_pred, DTYPES[dtype]),
+            tf.constant(ids),
+        ]
         del y_true, y_pred, ids
         fn = build_fn(impl, "fwdbwd", g)
         small = [a[:256] for a in args]
@@ -177,8 +215,15 @@ def _memory_child(impl: str, n: int, g: int, layout: str, dtype: str, d: int, de
         out = fn(*args)
         _first_value(out)
         peak = _status_kib("VmHWM")
-    return {"impl": impl, "n": n, "g": g, "layout": layout, "dtype": dtype,
-            "peak_extra_mib": (peak - before) / 1024, "output_mib": n * d * _itemsize(dtype) / 2**20}
+    return {
+        "impl": impl,
+        "n": n,
+        "g": g,
+        "layout": layout,
+        "dtype": dtype,
+        "peak_extra_mib": (peak - before) / 1024,
+        "output_mib": n * d * _itemsize(dtype) / 2**20,
+    }
 
 
 def _itemsize(dtype: str) -> int:
@@ -186,8 +231,13 @@ def _itemsize(dtype: str) -> int:
 
 
 def peak_memory(impl, n, g, layout, dtype, d, device) -> dict | None:
-    cmd = [sys.executable, "-m", "grouped_mae_op.bench", "--_memory-child",
-           json.dumps([impl, n, g, layout, dtype, d, device])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "grouped_mae_op.bench",
+        "--_memory-child",
+        json.dumps([impl, n, g, layout, dtype, d, device]),
+    ]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
         return json.loads(res.stdout.strip().splitlines()[-1])
@@ -200,6 +250,17 @@ def peak_memory(impl, n, g, layout, dtype, d, device) -> dict | None:
 # Machine description, table, plot.
 
 
+# Environment variables that change what is measured.
+_ENV_VARS = (
+    "TF_CPU_ALLOCATOR_USE_BFC",
+    "GMAE_CPU_REUSE_GRAD",
+    "TF_NUM_INTRAOP_THREADS",
+    "TF_NUM_INTEROP_THREADS",
+    "OMP_NUM_THREADS",
+    "CUDA_VISIBLE_DEVICES",
+)
+
+
 def machine() -> dict:
     cpu = platform.processor()
     try:
@@ -209,8 +270,13 @@ def machine() -> dict:
         pass
     commit = None
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
     return {
@@ -228,6 +294,7 @@ def machine() -> dict:
         "build_info": gm.build_info(),
         "git_commit": commit or None,
         "load_average": os.getloadavg(),
+        "env": {k: os.environ[k] for k in _ENV_VARS if k in os.environ},
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -243,9 +310,11 @@ def _fmt_n(n):
 
 def table(rows: list[dict]) -> str:
     """One line per configuration; time columns per implementation (median ms)."""
-    head = (f"{'dev':4} {'dtype':8} {'mode':6} {'layout':7} {'N':>5} {'G':>7} | "
-            f"{'fused':>8} {'reference':>9} {'seg_mean*':>9} {'floor':>7} | "
-            f"{'vs ref':>7} {'x floor':>7}")
+    head = (
+        f"{'dev':4} {'dtype':8} {'mode':6} {'layout':7} {'N':>5} {'G':>7} | "
+        f"{'fused':>8} {'reference':>9} {'seg_mean*':>9} {'floor':>7} {'empty':>6} | "
+        f"{'vs ref':>7} {'x floor':>7}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         ms = r["median_ms"]
@@ -254,14 +323,15 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"{r['device']:4} {r['dtype']:8} {r['mode']:6} {r['layout']:7} {_fmt_n(r['n']):>5} "
             f"{r['g']:>7} | {_fmt_ms(ms.get('fused')):>8} {_fmt_ms(ms.get('reference')):>9} "
-            f"{_fmt_ms(ms.get('segment_mean')):>9} {_fmt_ms(ms.get('floor')):>7} | "
+            f"{_fmt_ms(ms.get('segment_mean')):>9} {_fmt_ms(ms.get('floor')):>7} "
+            f"{_fmt_ms(ms.get('empty')):>6} | "
             f"{'-' if speed is None else f'{speed:.1f}x':>7} "
             f"{'-' if xfloor is None else f'{xfloor:.2f}':>7}"
         )
     lines.append(
         "median ms per call. vs ref = reference / fused. x floor = fused / floor, where floor is "
-        "one read of the inputs (12 B/row float32). *segment_mean: sorted ids only, and wrong "
-        "when a group is empty."
+        "one read of the inputs (12 B/row float32). empty = a tf.function that does nothing "
+        "(TF's cost per call). *segment_mean: sorted ids only, and wrong when a group is empty."
     )
     return "\n".join(lines)
 
@@ -284,34 +354,76 @@ def plot(rows: list[dict], path: Path) -> bool:
     g_mid = gs[len(gs) // 2]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     dev, dtype = sel[0]["device"], sel[0]["dtype"]
-    styles = {"fused": "o-", "reference": "s-", "segment_mean": "^--", "floor": "k:"}
+    styles = {
+        "fused": "o-",
+        "reference": "s-",
+        "segment_mean": "^--",
+        "floor": "k:",
+        "empty": "k-.",
+    }
     for layout, alpha in (("sorted", 1.0), ("uniform", 0.55), ("zipf", 0.35)):
-        cfg = [r for r in sel if r["g"] == g_mid and r["layout"] == layout and r["device"] == dev
-               and r["dtype"] == dtype]
+        cfg = [
+            r
+            for r in sel
+            if r["g"] == g_mid
+            and r["layout"] == layout
+            and r["device"] == dev
+            and r["dtype"] == dtype
+        ]
         if not cfg:
             continue
         cfg.sort(key=lambda r: r["n"])
         for impl, style in styles.items():
             pts = [(r["n"], r["median_ms"][impl]) for r in cfg if r["median_ms"].get(impl)]
-            if impl == "floor" and layout != "sorted":
+            if impl in ("floor", "empty") and layout != "sorted":
                 continue
             if pts:
-                label = impl if impl == "floor" else f"{impl} ({layout})"
-                ax1.plot(*zip(*pts), style, alpha=alpha, label=label, markersize=4)
-    ax1.set(xscale="log", yscale="log", xlabel="N (rows)", ylabel="median ms per call",
-            title=f"{mode}, G = {g_mid}, {dtype}, {dev}")
+                label = impl if impl in ("floor", "empty") else f"{impl} ({layout})"
+                if impl == "segment_mean":
+                    label += ", wrong if a group is empty"
+                ax1.plot(
+                    [x for x, _ in pts],
+                    [y for _, y in pts],
+                    style,
+                    alpha=alpha,
+                    label=label,
+                    markersize=4,
+                )
+    ax1.set(
+        xscale="log",
+        yscale="log",
+        xlabel="N (rows)",
+        ylabel="median ms per call",
+        title=f"{mode}, G = {g_mid}, {dtype}, {dev}",
+    )
     ax1.legend(fontsize=7)
     ax1.grid(True, which="both", alpha=0.3)
     for layout, style in (("sorted", "-"), ("uniform", "--"), ("zipf", ":")):
         for g in gs:
-            cfg = sorted((r for r in sel if r["g"] == g and r["layout"] == layout
-                          and r.get("speedup_vs_reference")), key=lambda r: r["n"])
+            cfg = sorted(
+                (
+                    r
+                    for r in sel
+                    if r["g"] == g and r["layout"] == layout and r.get("speedup_vs_reference")
+                ),
+                key=lambda r: r["n"],
+            )
             if cfg:
-                ax2.plot([r["n"] for r in cfg], [r["speedup_vs_reference"] for r in cfg],
-                         "o" + style, markersize=3, label=f"G={g} {layout}")
+                ax2.plot(
+                    [r["n"] for r in cfg],
+                    [r["speedup_vs_reference"] for r in cfg],
+                    "o" + style,
+                    markersize=3,
+                    label=f"G={g} {layout}",
+                )
     ax2.axhline(1.0, color="k", lw=0.8)
-    ax2.set(xscale="log", yscale="log", xlabel="N (rows)", ylabel="reference time / fused time",
-            title=f"speedup of fused over the pure-TF composite ({mode})")
+    ax2.set(
+        xscale="log",
+        yscale="log",
+        xlabel="N (rows)",
+        ylabel="reference time / fused time",
+        title=f"speedup of fused over the pure-TF composite ({mode})",
+    )
     ax2.legend(fontsize=6, ncol=2)
     ax2.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
@@ -350,27 +462,55 @@ def _names(allowed):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m grouped_mae_op.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m grouped_mae_op.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     prof = p.add_mutually_exclusive_group()
-    prof.add_argument("--quick", dest="profile", action="store_const", const="quick",
-                      help="the issue's targets: N 2^10, 2^20, 2^24; G 10, 1000, 1e5 (default)")
-    prof.add_argument("--full", dest="profile", action="store_const", const="full",
-                      help="N 2^10..2^24, G 1..1e6, three layouts, three dtypes")
+    prof.add_argument(
+        "--quick",
+        dest="profile",
+        action="store_const",
+        const="quick",
+        help="the issue's targets: N 2^10, 2^20, 2^24; G 10, 1000, 1e5 (default)",
+    )
+    prof.add_argument(
+        "--full",
+        dest="profile",
+        action="store_const",
+        const="full",
+        help="N 2^10..2^24, G 1..1e6, three layouts, three dtypes",
+    )
     p.add_argument("--n", type=_ints, help="rows, e.g. 1024,2^20")
     p.add_argument("--g", type=_ints, help="num_groups, e.g. 10,1e5")
     p.add_argument("--layout", type=_names(LAYOUTS), help=f"any of {', '.join(LAYOUTS)}")
     p.add_argument("--dtype", type=_names(tuple(DTYPES)), help=f"any of {', '.join(DTYPES)}")
-    p.add_argument("--impl", type=_names(IMPLS), default=list(IMPLS),
-                   help=f"any of {', '.join(IMPLS)}")
+    p.add_argument(
+        "--impl", type=_names(IMPLS), default=list(IMPLS), help=f"any of {', '.join(IMPLS)}"
+    )
     p.add_argument("--mode", type=_names(MODES), default=list(MODES), help="fwd, fwdbwd")
-    p.add_argument("--device", type=_names(("cpu", "gpu")),
-                   help="cpu, gpu (default: cpu, and gpu when one is visible)")
+    p.add_argument(
+        "--device",
+        type=_names(("cpu", "gpu")),
+        help="cpu, gpu (default: cpu, and gpu when one is visible)",
+    )
     p.add_argument("--d", type=int, default=1, help="elements per row (default 1)")
     p.add_argument("--reps", type=int, help="timed repetitions per configuration")
     p.add_argument("--min-time", type=float, help="keep repeating for at least this many s")
-    p.add_argument("--memory", dest="memory", action="store_true", default=True,
-                   help="measure peak extra memory of one fwd+bwd call (default on)")
+    p.add_argument(
+        "--max-time",
+        type=float,
+        default=8.0,
+        help="stop after 3 repetitions once a configuration has run this many s (default 8)",
+    )
+    p.add_argument(
+        "--memory",
+        dest="memory",
+        action="store_true",
+        default=True,
+        help="measure peak extra memory of one fwd+bwd call (default on)",
+    )
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--no-plot", dest="plot", action="store_false", default=True)
     p.add_argument("--out", type=Path, default=Path("bench_results"), help="output folder")
@@ -388,29 +528,47 @@ def parse_args(argv=None):
 def run(args) -> dict:
     from tqdm import tqdm
 
-    configs = [(dev, dt, lay, n, g) for dev in args.device for dt in args.dtype
-               for lay in args.layout for n in args.n for g in args.g]
+    configs = [
+        (dev, dt, lay, n, g)
+        for dev in args.device
+        for dt in args.dtype
+        for lay in args.layout
+        for n in args.n
+        for g in args.g
+    ]
     desc = machine()
     rows = []
-    bar = tqdm(total=len(configs) * len(args.mode), unit="cfg", file=sys.stderr,
-               dynamic_ncols=True)
+    bar = tqdm(total=len(configs) * len(args.mode), unit="cfg", file=sys.stderr, dynamic_ncols=True)
     for dev, dt, lay, n, g in configs:
         y_true, y_pred, ids = make_inputs(n, g, lay, dt, args.d)
         with tf.device(dev.upper() + ":0"):
-            inputs = (tf.constant(y_true, DTYPES[dt]), tf.constant(y_pred, DTYPES[dt]),
-                      tf.constant(ids))
+            inputs = (
+                tf.constant(y_true, DTYPES[dt]),
+                tf.constant(y_pred, DTYPES[dt]),
+                tf.constant(ids),
+            )
         del y_true, y_pred, ids
         for mode in args.mode:
             bar.set_description(f"{dev} {dt} {mode} {lay} N={_fmt_n(n)} G={g}")
             impls = [i for i in args.impl if applicable(i, lay)]
             with tf.device(dev.upper() + ":0"):
                 fns = {i: build_fn(i, mode, g) for i in impls}
-                times, values = time_side_by_side(fns, inputs, dev, args.reps, args.min_time)
+                times, values = time_side_by_side(
+                    fns, inputs, dev, args.reps, args.min_time, args.max_time
+                )
             med = {i: 1e3 * statistics.median(t) for i, t in times.items()}
-            row = {"device": dev, "dtype": dt, "mode": mode, "layout": lay, "n": n, "g": g,
-                   "d": args.d, "median_ms": med,
-                   "times_ms": {i: [1e3 * x for x in t] for i, t in times.items()},
-                   "loss": {i: v for i, v in values.items() if i != "floor"}}
+            row = {
+                "device": dev,
+                "dtype": dt,
+                "mode": mode,
+                "layout": lay,
+                "n": n,
+                "g": g,
+                "d": args.d,
+                "median_ms": med,
+                "times_ms": {i: [1e3 * x for x in t] for i, t in times.items()},
+                "loss": {i: v for i, v in values.items() if i not in ("floor", "empty")},
+            }
             if "fused" in med and "reference" in med:
                 row["speedup_vs_reference"] = med["reference"] / med["fused"]
                 ref, got = values["reference"], values["fused"]
@@ -421,15 +579,24 @@ def run(args) -> dict:
             bar.update()
         del inputs
     bar.close()
-    result = {"machine": desc, "args": {k: (str(v) if isinstance(v, Path) else v)
-                                        for k, v in vars(args).items() if k != "memory_child"},
-              "rows": rows}
+    result = {
+        "machine": desc,
+        "args": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k != "memory_child"
+        },
+        "rows": rows,
+    }
     if args.memory and "fwdbwd" in args.mode:
         n, g = max(args.n), max(args.g)
         lay = "sorted" if "sorted" in args.layout else args.layout[0]
         mem = []
-        for impl in tqdm([i for i in args.impl if applicable(i, lay) and i != "floor"],
-                         desc=f"peak memory, fwdbwd N={_fmt_n(n)} G={g}", file=sys.stderr):
+        for impl in tqdm(
+            [i for i in args.impl if applicable(i, lay) and i not in ("floor", "empty")],
+            desc=f"peak memory, fwdbwd N={_fmt_n(n)} G={g}",
+            file=sys.stderr,
+        ):
             m = peak_memory(impl, n, g, lay, args.dtype[0], args.d, args.device[0])
             if m:
                 mem.append(m)
@@ -446,16 +613,22 @@ def main(argv=None) -> int:
     result = run(args)
     print(table(result["rows"]))
     for m in result.get("peak_memory", []):
-        print(f"peak extra memory, one fwd+bwd call, {m['dtype']} N={_fmt_n(m['n'])} "
-              f"G={m['g']} {m['layout']}: {m['impl']:<13} {m['peak_extra_mib']:8.1f} MiB "
-              f"(of which the gradient output {m['output_mib']:.0f} MiB)")
+        print(
+            f"peak extra memory, one fwd+bwd call, {m['dtype']} N={_fmt_n(m['n'])} "
+            f"G={m['g']} {m['layout']}: {m['impl']:<13} {m['peak_extra_mib']:8.1f} MiB "
+            f"(of which the gradient output {m['output_mib']:.0f} MiB)"
+        )
     bad = [r for r in result["rows"] if r.get("fused_matches_reference") is False]
     for r in bad:
-        print(f"WARNING: fused {r['loss']['fused']} != reference {r['loss']['reference']} "
-              f"at {r['mode']} {r['layout']} N={r['n']} G={r['g']}")
+        print(
+            f"WARNING: fused {r['loss']['fused']} != reference {r['loss']['reference']} "
+            f"at {r['mode']} {r['layout']} N={r['n']} G={r['g']}"
+        )
     m = result["machine"]
-    print(f"{m['cpu_model']}, {m['cpus_usable']} CPUs, TF {m['tensorflow']}, load average "
-          f"{m['load_average'][0]:.1f} at start, {m['load_average_end'][0]:.1f} at end")
+    print(
+        f"{m['cpu_model']}, {m['cpus_usable']} CPUs, TF {m['tensorflow']}, load average "
+        f"{m['load_average'][0]:.1f} at start, {m['load_average_end'][0]:.1f} at end"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     written = [args.out / "results.json"]
