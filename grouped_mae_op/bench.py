@@ -208,8 +208,9 @@ def _memory_child(impl: str, n: int, g: int, layout: str, dtype: str, d: int, de
         ]
         del y_true, y_pred, ids
         fn = build_fn(impl, "fwdbwd", g)
-        small = [a[:256] for a in args]
-        fn(*small)  # trace and first-call set-up on a small input
+        # Trace without running: a warm-up call would leave its [G] temporaries in malloc's
+        # free lists, and the measured call would then reuse them unseen.
+        fn.get_concrete_function(*[tf.TensorSpec(a.shape, a.dtype) for a in args])
         before = _status_kib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         out = fn(*args)
