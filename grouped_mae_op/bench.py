@@ -120,15 +120,15 @@ LOSSES = {
 }
 
 
-def build_fn(impl: str, mode: str, g: int):
-    """A tf.function (y_true, y_pred, ids) -> loss, or (loss, grad wrt y_pred)."""
+def _body(impl: str, mode: str, g: int):
+    """A Python function (y_true, y_pred, ids) -> loss, or (loss, grad wrt y_pred)."""
     if impl == "floor":
-        return tf.function(_floor)
+        return _floor
     if impl == "empty":
-        return tf.function(_empty)
+        return _empty
     loss_fn = LOSSES[impl]
     if mode == "fwd":
-        return tf.function(lambda yt, yp, ids: loss_fn(yt, yp, ids, g))
+        return lambda yt, yp, ids: loss_fn(yt, yp, ids, g)
 
     def fwdbwd(yt, yp, ids):
         with tf.GradientTape() as tape:
@@ -136,7 +136,33 @@ def build_fn(impl: str, mode: str, g: int):
             loss = loss_fn(yt, yp, ids, g)
         return loss, tape.gradient(loss, yp)
 
-    return tf.function(fwdbwd)
+    return fwdbwd
+
+
+def _scalar(out) -> tf.Tensor:
+    """A float32 scalar that depends on every output (a slice of a gradient needs all of it)."""
+    parts = out if isinstance(out, (tuple, list)) else [out]
+    return tf.add_n([tf.cast(tf.reshape(t, [-1])[0], tf.float32) for t in parts])
+
+
+def build_fn(impl: str, mode: str, g: int, in_graph: int = 0):
+    """A tf.function of (y_true, y_pred, ids).
+
+    With in_graph = K > 0 it runs the computation K times in a tf.while_loop and returns a
+    scalar; its time / K is the cost inside a larger graph (a training step), without TF's
+    fixed cost per tf.function call.
+    """
+    body = _body(impl, mode, g)
+    if not in_graph:
+        return tf.function(body)
+
+    def looped(yt, yp, ids):
+        def step(i, acc):
+            return i + 1, acc + _scalar(body(yt, yp, ids))
+
+        return tf.while_loop(lambda i, acc: i < in_graph, step, (0, 0.0))[1]
+
+    return tf.function(looped)
 
 
 def applicable(impl: str, layout: str) -> bool:
@@ -497,6 +523,14 @@ def parse_args(argv=None):
         help="cpu, gpu (default: cpu, and gpu when one is visible)",
     )
     p.add_argument("--d", type=int, default=1, help="elements per row (default 1)")
+    p.add_argument(
+        "--in-graph",
+        type=int,
+        default=0,
+        metavar="K",
+        help="time K iterations inside one tf.function (a tf.while_loop) and report time / K: "
+        "the cost inside a training step, without TF's per-call cost (default 0: per call)",
+    )
     p.add_argument("--reps", type=int, help="timed repetitions per configuration")
     p.add_argument("--min-time", type=float, help="keep repeating for at least this many s")
     p.add_argument(
@@ -553,10 +587,12 @@ def run(args) -> dict:
             bar.set_description(f"{dev} {dt} {mode} {lay} N={_fmt_n(n)} G={g}")
             impls = [i for i in args.impl if applicable(i, lay)]
             with tf.device(dev.upper() + ":0"):
-                fns = {i: build_fn(i, mode, g) for i in impls}
+                fns = {i: build_fn(i, mode, g, args.in_graph) for i in impls}
                 times, values = time_side_by_side(
                     fns, inputs, dev, args.reps, args.min_time, args.max_time
                 )
+            per = max(1, args.in_graph)
+            times = {i: [x / per for x in t] for i, t in times.items()}
             med = {i: 1e3 * statistics.median(t) for i, t in times.items()}
             row = {
                 "device": dev,
@@ -566,6 +602,7 @@ def run(args) -> dict:
                 "n": n,
                 "g": g,
                 "d": args.d,
+                "in_graph": args.in_graph,
                 "median_ms": med,
                 "times_ms": {i: [1e3 * x for x in t] for i, t in times.items()},
                 "loss": {i: v for i, v in values.items() if i not in ("floor", "empty")},
@@ -613,6 +650,11 @@ def main(argv=None) -> int:
         return 0
     result = run(args)
     print(table(result["rows"]))
+    if args.in_graph:
+        print(
+            f"(times are per iteration of a {args.in_graph}-iteration tf.while_loop inside one "
+            "tf.function: TF's cost per call is spread over the iterations)"
+        )
     for m in result.get("peak_memory", []):
         print(
             f"peak extra memory, one fwd+bwd call, {m['dtype']} N={_fmt_n(m['n'])} "

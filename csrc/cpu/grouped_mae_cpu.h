@@ -80,9 +80,9 @@ inline int64_t forward_shards(int64_t n, int64_t g, int64_t threads) {
   return std::max<int64_t>(1, std::min({threads, by_rows, by_memory}));
 }
 
-// Doubles of scratch that `stats` needs besides the [G] sums and weights.
+// Doubles of scratch that `stats` needs besides its [G, 2] output.
 inline int64_t forward_scratch_doubles(int64_t g, int64_t shards) {
-  return 2 * g * std::max<int64_t>(1, shards) * forward_copies(g);
+  return 2 * g * (std::max<int64_t>(1, shards) * forward_copies(g) - 1);
 }
 
 namespace detail {
@@ -233,37 +233,39 @@ RowError accumulate(const Inputs<T, Idx>& in, int64_t begin, int64_t end, double
   return RowError{};
 }
 
-// Forward statistics. `sums` and `weights` (float64, length g) receive S and W.
-// `scratch` must hold forward_scratch_doubles(g, shards) doubles.
+// Forward statistics: sw[2k] = S_k and sw[2k + 1] = W_k (float64, [G, 2] interleaved, the
+// layout the accumulation uses, so that one shard needs no copy). `scratch` must hold
+// forward_scratch_doubles(g, shards) doubles.
 template <typename T, typename Idx, typename RunShards>
-RowError stats(const Inputs<T, Idx>& in, int64_t shards, double* sums, double* weights,
-               double* scratch, RunShards&& run_shards) {
+RowError stats(const Inputs<T, Idx>& in, int64_t shards, double* sw, double* scratch,
+               RunShards&& run_shards) {
   shards = std::max<int64_t>(1, shards);
   const int64_t g = in.g;
   const int64_t copies = forward_copies(g);
   const int64_t parts = shards * copies;
-  // Partial p belongs to shard p / copies; its copy is p % copies.
+  // Partial p belongs to shard p / copies; its copy is p % copies. Partial 0 is the output.
   std::vector<double*> part(parts);
-  for (int64_t p = 0; p < parts; ++p) part[p] = scratch + 2 * g * p;
+  part[0] = sw;
+  for (int64_t p = 1; p < parts; ++p) part[p] = scratch + 2 * g * (p - 1);
   std::vector<RowError> errs(shards);
   run_shards(shards, [&](int64_t sh) {
-    std::fill(part[sh * copies], part[sh * copies] + 2 * g * copies, 0.0);
+    for (int64_t c = 0; c < copies; ++c) {
+      std::fill(part[sh * copies + c], part[sh * copies + c] + 2 * g, 0.0);
+    }
     const int64_t begin = in.n * sh / shards, end = in.n * (sh + 1) / shards;
     errs[sh] = accumulate(in, begin, end, &part[sh * copies], copies);
   });
   RowError first;
   for (const auto& e : errs) first.keep_first(e);
-  if (first.kind != BadInput::kNone) return first;
+  if (first.kind != BadInput::kNone || parts == 1) return first;
 
-  // Fixed-order merge (partial 0, 1, ...), parallel over group ranges.
+  // Fixed-order merge (partial 1, 2, ... into partial 0), parallel over group ranges.
   const int64_t merge_parts = std::min<int64_t>(shards, std::max<int64_t>(1, g / 4096));
   run_shards(merge_parts, [&](int64_t mp) {
-    const int64_t gb = g * mp / merge_parts, ge = g * (mp + 1) / merge_parts;
-    const double* __restrict q = part[0];
-    for (int64_t k = gb; k < ge; ++k) sums[k] = q[2 * k], weights[k] = q[2 * k + 1];
+    const int64_t kb = 2 * (g * mp / merge_parts), ke = 2 * (g * (mp + 1) / merge_parts);
     for (int64_t p = 1; p < parts; ++p) {
-      q = part[p];
-      for (int64_t k = gb; k < ge; ++k) sums[k] += q[2 * k], weights[k] += q[2 * k + 1];
+      const double* __restrict q = part[p];
+      for (int64_t k = kb; k < ke; ++k) sw[k] += q[k];
     }
   });
   return first;
@@ -283,19 +285,19 @@ RowError check_group_weights(const T* v, int64_t g) {
   return err;
 }
 
-// Loss and per-group gradient scales from S and W. Group weights may be nullptr (all 1).
+// Loss and per-group gradient scales from the [G, 2] output of `stats` (S_k, W_k). Group
+// weights may be nullptr (all 1).
 template <typename T, typename Out>
-double finalize(const double* sums, const double* weights, const T* group_weights, int64_t g,
-                Out* scale) {
+double finalize(const double* sw, const T* group_weights, int64_t g, Out* scale) {
   double num = 0, vsum = 0;
   for (int64_t k = 0; k < g; ++k) {
     const double v = group_weights ? widen(group_weights[k]) : 1.0;
-    add_group_term(sums[k], weights[k], v, &num, &vsum);
+    add_group_term(sw[2 * k], sw[2 * k + 1], v, &num, &vsum);
   }
   if (scale != nullptr) {
     for (int64_t k = 0; k < g; ++k) {
       const double v = group_weights ? widen(group_weights[k]) : 1.0;
-      scale[k] = static_cast<Out>(group_grad_scale(weights[k], v, vsum));
+      scale[k] = static_cast<Out>(group_grad_scale(sw[2 * k + 1], v, vsum));
     }
   }
   return finalize_loss(num, vsum);

@@ -149,13 +149,14 @@ struct Impl;
 
 template <typename T, typename Idx>
 struct Impl<CPUDevice, T, Idx> {
-  // S and W in float64; returns them in a temp tensor of shape [2, G] (sums, then weights).
+  // S and W in float64; returns them in a temp tensor whose first 2G doubles are
+  // (S_0, W_0, S_1, W_1, ...).
   static absl::Status Accumulate(OpKernelContext* ctx, const Rows<T, Idx>& rows, Tensor* sw) {
     const int64_t shards = gm::cpu::forward_shards(rows.n, rows.g, CpuThreads(ctx));
     const int64_t doubles = 2 * rows.g + gm::cpu::forward_scratch_doubles(rows.g, shards);
     TF_RETURN_IF_ERROR(ctx->allocate_temp(DT_DOUBLE, TensorShape({doubles}), sw));
     double* base = sw->flat<double>().data();
-    auto err = gm::cpu::stats(rows, shards, base, base + rows.g, base + 2 * rows.g,
+    auto err = gm::cpu::stats(rows, shards, base, base + 2 * rows.g,
                               [ctx](int64_t n, const std::function<void(int64_t)>& fn) {
                                 RunShards(ctx, n, fn);
                               });
@@ -170,8 +171,8 @@ struct Impl<CPUDevice, T, Idx> {
     auto out_s = sums->flat<OutT<T>>();
     auto out_w = weights->flat<OutT<T>>();
     for (int64_t k = 0; k < rows.g; ++k) {
-      out_s(k) = static_cast<OutT<T>>(s[k]);
-      out_w(k) = static_cast<OutT<T>>(s[rows.g + k]);
+      out_s(k) = static_cast<OutT<T>>(s[2 * k]);
+      out_w(k) = static_cast<OutT<T>>(s[2 * k + 1]);
     }
   }
 
@@ -184,7 +185,7 @@ struct Impl<CPUDevice, T, Idx> {
     Tensor acc;
     OP_REQUIRES_OK(ctx, Accumulate(ctx, rows, &acc));
     const double* s = acc.flat<double>().data();
-    const double value = gm::cpu::finalize(s, s + rows.g, group_weights, rows.g,
+    const double value = gm::cpu::finalize(s, group_weights, rows.g,
                                            scale->flat<OutT<T>>().data());
     loss->scalar<T>()() = static_cast<T>(value);
   }
