@@ -2,10 +2,11 @@
 //
 // Forward: rows are split into a fixed number of contiguous shards. Each shard accumulates
 // S and W in float64 partials of shape [G, 2] (S_g and W_g side by side: one cache line per
-// update); the partials are then summed per group in a fixed order (shard, then copy). The split depends only on N, G and the shard count the
-// caller asks for, and each block's path (below) only on its ids, so a given machine gets
-// bitwise-identical results from run to run. Validation (ids < G, weights >= 0) happens in
-// the same pass; the first bad row (lowest index) is reported.
+// update); the partials are then summed per group in a fixed order (shard, then copy). The
+// split depends only on N, G and the shard count the caller asks for, and each block's path
+// (below) only on its ids, so a given machine gets bitwise-identical results from run to run.
+// Validation (ids < G, weights >= 0) happens in the same pass; the first bad row (lowest
+// index) is reported.
 //
 // Within a shard, rows go in blocks of kBlock. A block's ids (and weights) are range-checked
 // in one vectorisable sweep; a block with a negative or bad id, or a bad weight, takes the
