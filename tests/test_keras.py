@@ -21,6 +21,7 @@ from keras_cases import (
 
 from grouped_mae_op import reference
 from grouped_mae_op.loss import GroupedMAE, GroupedMeanAbsoluteError, pack_targets
+from grouped_mae_op.metrics import GroupedMeanAbsoluteError as Metric
 
 MODES = {
     "graph": dict(jit_compile=False),
@@ -34,9 +35,17 @@ def _compiled(mode, loss=None, **kw):
     model.compile(
         optimizer=keras.optimizers.SGD(LR),
         loss=loss or GroupedMeanAbsoluteError(num_groups=NUM_GROUPS),
+        weighted_metrics=[Metric(NUM_GROUPS, name="gmae")],
         **MODES[mode],
     )
     return model
+
+
+def _eval_loss(model, x, y_true, sample_weight=None):
+    logs = model.evaluate(
+        x, y_true, sample_weight=sample_weight, batch_size=len(x), return_dict=True, verbose=0
+    )
+    return logs["loss"]
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
@@ -55,9 +64,11 @@ def test_fit_step_equals_reference_step(mode, weighted):
     report(f"fit step {mode} weighted={weighted} loss", abs(logs["loss"] - ref_loss))
     assert diff < 1e-6
     assert logs["loss"] == pytest.approx(ref_loss, rel=1e-6, abs=1e-7)
+    # the metric sees the same batch with the weights before the update
+    assert logs["gmae"] == pytest.approx(ref_loss, rel=1e-6, abs=1e-7)
 
     # evaluate on the updated weights reports the reference loss of the updated model
-    got = model.evaluate(x, packed(y, ids), sample_weight=sw, batch_size=len(x), verbose=0)
+    got = _eval_loss(model, x, packed(y, ids), sample_weight=sw)
     want = float(reference_loss(model, x, y, ids, sw))
     assert got == pytest.approx(want, rel=1e-6, abs=1e-7)
 
@@ -93,20 +104,20 @@ def test_sample_weight_is_the_row_weight_not_a_multiplier():
     x, y, ids, sw = grouped_data()
     model = _compiled("graph")
     y_true = packed(y, ids)
-    base = model.evaluate(x, y_true, sample_weight=sw, batch_size=len(x), verbose=0)
+    base = _eval_loss(model, x, y_true, sample_weight=sw)
     # Scaling every weight leaves each group's weighted mean, and so the loss, unchanged;
     # Keras' default (multiply the finished loss) would triple it.
-    tripled = model.evaluate(x, y_true, sample_weight=3 * sw, batch_size=len(x), verbose=0)
+    tripled = _eval_loss(model, x, y_true, sample_weight=3 * sw)
     assert tripled == pytest.approx(base, rel=1e-6)
-    unweighted = model.evaluate(x, y_true, batch_size=len(x), verbose=0)
+    unweighted = _eval_loss(model, x, y_true)
     assert unweighted == pytest.approx(float(reference_loss(model, x, y, ids)), rel=1e-6)
     assert abs(unweighted - base) > 1e-3  # the weights matter
     # A zero weight removes the row, exactly as an ignored id does.
     sw0 = sw.copy()
     sw0[ids == 2] = 0
     ids_ignored = np.where(ids == 2, -1, ids)
-    a = model.evaluate(x, y_true, sample_weight=sw0, batch_size=len(x), verbose=0)
-    b = model.evaluate(x, packed(y, ids_ignored), sample_weight=sw, batch_size=len(x), verbose=0)
+    a = _eval_loss(model, x, y_true, sample_weight=sw0)
+    b = _eval_loss(model, x, packed(y, ids_ignored), sample_weight=sw)
     assert a == pytest.approx(b, rel=1e-6)
 
 
@@ -141,7 +152,7 @@ def test_xla_requires_num_groups():
         model.train_on_batch(x, packed(y, ids))
     # Without XLA the count comes from the batch: max id + 1.
     model = _compiled("graph", loss=GroupedMeanAbsoluteError())
-    got = model.evaluate(x, packed(y, ids), batch_size=len(x), verbose=0)
+    got = _eval_loss(model, x, packed(y, ids))
     want = float(reference_loss(model, x, y, ids, num_groups=int(ids.max()) + 1))
     assert got == pytest.approx(want, rel=1e-6)
 
