@@ -179,3 +179,10 @@ def test_multi_worker_custom_loop(tmp_path):
         report(f"multi-worker worker {r['index']} loss", abs(r["losses"][0] - float(loss)))
         assert diff < 1e-6
         assert r["losses"][0] == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_distributed_loss_needs_num_groups(strategy):
+    loss_fn = GroupedMeanAbsoluteError()
+    y_true = tf.constant(packed(np.zeros(4, np.float32), np.array([0, 1, 1, 0])))
+    with pytest.raises(ValueError, match="under tf.distribute.*pass num_groups"):
+        strategy.run(lambda: loss_fn(y_true, tf.zeros((4, 1))))

@@ -274,3 +274,9 @@ def test_reference_is_independent_of_the_op():
         if np.any(ids == g)
     ]
     assert got == pytest.approx(np.mean(means), rel=1e-6)
+
+
+def test_worst_group_reductions_need_num_groups():
+    loss = GroupedMeanAbsoluteError(group_reduction="max")
+    with pytest.raises(ValueError, match="'max'.*pass num_groups"):
+        loss(pack_targets(np.zeros(2), np.array([0, 1])), tf.zeros((2, 1)))
