@@ -78,7 +78,8 @@ def _in_xla() -> bool:
 
 
 def unpack_targets(y_true, y_pred, sample_weight=None):
-    """(targets, predictions, int32 ids, sample_weight [N] or None) from packed y_true.
+    """(targets [N, k], predictions [N, k], int32 ids [N], ids_ok [N], sample_weight [N] or
+    None) from packed y_true. Rows whose id is not valid get id -1 and ids_ok False.
 
     y_pred is flattened to [N, k] (the per-row error is the mean over its non-batch axes,
     so flattening changes nothing); y_true must be [N, k + 1]. Ids that are not integers
@@ -98,10 +99,15 @@ def unpack_targets(y_true, y_pred, sample_weight=None):
             f"y_true must be [N, k + 1] (targets, then the group id column; build it with "
             f"pack_targets(y, group_ids)), got shape {y_true.shape}"
         )
-    flat_pred = y_pred if y_pred.shape.rank == 2 else tf.reshape(y_pred, [tf.shape(y_pred)[0], -1])
-    k = flat_pred.shape[1] if flat_pred.shape.rank == 2 else None
-    if y_pred.shape.rank > 2 and None not in y_pred.shape[1:]:
-        k = int(np.prod(y_pred.shape[1:]))
+    if y_pred.shape.rank == 1:
+        flat_pred = y_pred[:, None]
+    elif y_pred.shape.rank == 2:
+        flat_pred = y_pred
+    else:
+        inner = y_pred.shape[1:]
+        width = int(np.prod(inner)) if inner.is_fully_defined() else -1
+        flat_pred = tf.reshape(y_pred, [tf.shape(y_pred)[0], width])
+    k = flat_pred.shape[1]
     cols = y_true.shape[1]
     if k is not None and cols is not None and cols != k + 1:
         hint = (
@@ -115,8 +121,6 @@ def unpack_targets(y_true, y_pred, sample_weight=None):
         )
     ids_f = y_true[:, -1]
     targets = tf.cast(y_true[:, :-1], flat_pred.dtype)
-    if flat_pred.shape.rank != 2:
-        flat_pred = tf.reshape(flat_pred, tf.shape(targets))
     ok = tf.logical_and(tf.equal(ids_f, tf.round(ids_f)), tf.abs(ids_f) < ID_LIMIT)
     static = tf.get_static_value(ids_f)
     if static is not None:

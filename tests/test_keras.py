@@ -280,3 +280,19 @@ def test_worst_group_reductions_need_num_groups():
     loss = GroupedMeanAbsoluteError(group_reduction="max")
     with pytest.raises(ValueError, match="'max'.*pass num_groups"):
         loss(pack_targets(np.zeros(2), np.array([0, 1])), tf.zeros((2, 1)))
+
+
+def test_multi_axis_predictions_flatten_to_target_columns():
+    rng = np.random.default_rng(7)
+    y = rng.normal(size=(10, 2, 3)).astype(np.float32)
+    pred = rng.normal(size=(10, 2, 3)).astype(np.float32)
+    ids = rng.integers(-1, 3, size=10)
+    loss = GroupedMeanAbsoluteError(3)
+    want = float(reference.grouped_mae(y, pred, ids, 3))
+    assert float(loss(pack_targets(y.reshape(10, 6), ids), pred)) == pytest.approx(want, rel=1e-6)
+    unknown = tf.function(
+        loss.__call__, input_signature=[tf.TensorSpec([None, None]), tf.TensorSpec([None, 2, 3])]
+    )
+    assert float(unknown(pack_targets(y.reshape(10, 6), ids), pred)) == pytest.approx(
+        want, rel=1e-6
+    )
