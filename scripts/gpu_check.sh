@@ -15,7 +15,7 @@ mkdir -p "$RESULTS"
 RESULTS="$(cd "$RESULTS" && pwd)"
 BUILD="${GMAE_GPU_BUILD_DIR:-build-gpu}"
 PY="${PYTHON:-python3}"
-SANITIZER="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
+SANITIZER="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
 SUMMARY="$RESULTS/summary.txt"
 : >"$SUMMARY"
 status=0
@@ -68,7 +68,7 @@ built=$?
 
 # --- 2. GPU tests -------------------------------------------------------------------------
 if [ "$built" -eq 0 ]; then
-  export GMAE_CORE_DIR="$PWD/$BUILD/core"
+  export GMAE_CORE_DIR="$PWD/$BUILD/core" GMAE_REQUIRE_GPU=1
   step pytest 240 "$RESULTS/pytest.txt" \
     "$PY" -m pytest tests/gpu --confcutdir=tests/gpu -p no:cacheprovider -q -rs --durations=5
 

@@ -111,15 +111,23 @@ def make_backend():
     return None
 
 
+def unavailable(reason):
+    """Skip, or fail when GMAE_REQUIRE_GPU=1 (scripts/gpu_check.sh: a GPU run must not pass
+    by skipping everything)."""
+    if os.environ.get("GMAE_REQUIRE_GPU") == "1":
+        pytest.fail(f"GMAE_REQUIRE_GPU=1 but {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def core():
     module = load_core()
     if module is None:
-        pytest.skip("the core module _core*.so was not found (build it; set GMAE_CORE_DIR)")
+        unavailable("the core module _core*.so was not found (build it; set GMAE_CORE_DIR)")
     if not getattr(module, "with_cuda", False):
-        pytest.skip("the core module was built without CUDA")
+        unavailable("the core module was built without CUDA")
     if module.cuda_device_count() == 0:
-        pytest.skip("no CUDA device visible")
+        unavailable("no CUDA device visible")
     return module
 
 
@@ -127,5 +135,5 @@ def core():
 def xp(core):
     backend = make_backend()
     if backend is None:
-        pytest.skip("neither PyTorch nor CuPy is installed")
+        unavailable("neither PyTorch nor CuPy is installed")
     return backend
