@@ -121,3 +121,76 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         _core.cpu_loss(y.astype(np.float16), y.astype(np.float16), np.zeros(4, np.int32), 2)
     with pytest.raises(ValueError, match=r"group_ids\[2\] = 9"):
         _core.cpu_backward(y, y, ids, np.ones(3, np.float32))
+
+
+class FakeDeviceArray:
+    """Host stand-in exposing __cuda_array_interface__, for the binding's argument checks
+    (they run before any CUDA call, so no GPU is needed)."""
+
+    def __init__(self, shape, typestr, ptr=256, strides=None):
+        self.__cuda_array_interface__ = {
+            "shape": shape,
+            "typestr": typestr,
+            "data": (ptr, False),
+            "version": 3,
+            "strides": strides,
+        }
+
+
+needs_cuda_build = pytest.mark.skipif(
+    not getattr(_core, "with_cuda", False), reason="core module built without CUDA"
+)
+
+
+@needs_cuda_build
+def test_strategy_rule_from_n_g_and_dtype():
+    assert _core.choose_strategy(1 << 24, 1, "float32") == "shared_runs"
+    assert _core.choose_strategy(1 << 24, 2816, "float32") == "shared_runs"  # 2*G*8 <= 44 KiB
+    assert _core.choose_strategy(1 << 24, 2817, "float64") == "global_runs"
+    assert _core.choose_strategy(1 << 24, 5632, "float16") == "shared_runs"  # float accumulators
+    assert _core.choose_strategy(1 << 24, 5633, "bfloat16") == "global_runs"
+    assert _core.choose_strategy(255 * 100, 100, "float32") == "global_runs"  # < 256 rows/group
+    assert _core.choose_strategy(256 * 100, 100, "float32") == "shared_runs"
+    assert _core.choose_strategy(1 << 24, 1_000_000, "float32") == "global_runs"
+
+
+@needs_cuda_build
+def test_deterministic_flag_reads_the_environment(monkeypatch):
+    monkeypatch.setenv("GMAE_DETERMINISTIC", "1")
+    assert _core.deterministic_from_env()
+    monkeypatch.setenv("GMAE_DETERMINISTIC", "0")
+    assert not _core.deterministic_from_env()
+    monkeypatch.delenv("GMAE_DETERMINISTIC")
+    assert not _core.deterministic_from_env()
+
+
+@needs_cuda_build
+def test_cuda_argument_checks_name_the_argument():
+    y = FakeDeviceArray((8,), "<f4")
+    ids = FakeDeviceArray((8,), "<i4")
+    out = FakeDeviceArray((3,), "<f4")
+    loss = FakeDeviceArray((1,), "<f4")
+    with pytest.raises(ValueError, match="y_pred must have the dtype of y_true"):
+        _core.cuda_loss(y, FakeDeviceArray((8,), "<f8"), ids, loss, out)
+    with pytest.raises(ValueError, match="group_ids must be int32 or int64"):
+        _core.cuda_loss(y, y, FakeDeviceArray((8,), "<f4"), loss, out)
+    with pytest.raises(ValueError, match="group_ids has 7 entries but y_true has N = 8"):
+        _core.cuda_loss(y, y, FakeDeviceArray((7,), "<i8"), loss, out)
+    with pytest.raises(
+        ValueError, match=r"scale_out must be a float32 device array of shape \[3\]"
+    ):
+        _core.cuda_loss(y, y, ids, loss, FakeDeviceArray((3,), "<f8"))
+    with pytest.raises(ValueError, match="loss_out must be a one-element"):
+        _core.cuda_loss(y, y, ids, FakeDeviceArray((2,), "<f4"), out)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _core.cuda_loss(FakeDeviceArray((8,), "<f4", strides=(8,)), y, ids, loss, out)
+    with pytest.raises(ValueError, match="must be a CUDA device array"):
+        _core.cuda_loss(np.zeros(8, np.float32), y, ids, loss, out)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        _core.cuda_loss(y, y, ids, loss, out, strategy="fastest")
+    with pytest.raises(ValueError, match="not deterministic"):
+        _core.cuda_loss(y, y, ids, loss, out, strategy="global_runs", deterministic=True)
+    with pytest.raises(ValueError, match="shared_runs.*num_groups = 100000 is too many"):
+        _core.cuda_plan(y, y, ids, 100_000, strategy="shared_runs", deterministic=False)
+    with pytest.raises(ValueError, match="dtype does not match"):
+        _core.cuda_loss(y, y, ids, loss, out, dtype="bfloat16")
