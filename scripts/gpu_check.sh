@@ -14,6 +14,7 @@ RESULTS="${1:-${OUT:-gpu_results}}"
 mkdir -p "$RESULTS"
 RESULTS="$(cd "$RESULTS" && pwd)"
 BUILD="${GMAE_GPU_BUILD_DIR:-build-gpu}"
+case "$BUILD" in /*) ;; *) BUILD="$PWD/$BUILD" ;; esac
 PY="${PYTHON:-python3}"
 SANITIZER="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
 SUMMARY="$RESULTS/summary.txt"
@@ -60,15 +61,22 @@ if ! "$PY" -m pybind11 --cmakedir >/dev/null 2>&1; then
 fi
 GEN=()
 command -v ninja >/dev/null && [ ! -f "$BUILD/CMakeCache.txt" ] && GEN=(-G Ninja)
-step configure 120 "$RESULTS/build.log" cmake -S . -B "$BUILD" "${GEN[@]}" -DGMAE_TF=OFF \
-  -DGMAE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCHS" -DPython3_EXECUTABLE="$(command -v "$PY")" \
-  -DGMAE_OUTPUT_DIR="$PWD/$BUILD/core" "${PYBIND_ARGS[@]}" &&
-  step build 300 "$RESULTS/build.log" cmake --build "$BUILD" -j "$(nproc)" --target gmae_core_module gmae_sanitize_driver
+CMAKE_ARGS=(-S . -B "$BUILD" "${GEN[@]}" -DGMAE_TF=OFF -DGMAE_CUDA=ON
+  -DCMAKE_CUDA_ARCHITECTURES="$ARCHS" -DPython3_EXECUTABLE="$(command -v "$PY")"
+  -DGMAE_OUTPUT_DIR="$BUILD/core" "${PYBIND_ARGS[@]}")
+TARGETS=(gmae_core_module gmae_sanitize_driver)
+if ! step configure 120 "$RESULTS/build.log" cmake "${CMAKE_ARGS[@]}"; then
+  # Most likely no Python headers for the module: keep the sanitizer driver at least.
+  rm -rf "$BUILD"
+  step configure2 120 "$RESULTS/build.log" cmake "${CMAKE_ARGS[@]}" -DGMAE_CORE_MODULE=OFF
+  TARGETS=(gmae_sanitize_driver)
+fi
+step build 300 "$RESULTS/build.log" cmake --build "$BUILD" -j "$(nproc)" --target "${TARGETS[@]}"
 built=$?
 
 # --- 2. GPU tests -------------------------------------------------------------------------
 if [ "$built" -eq 0 ]; then
-  export GMAE_CORE_DIR="$PWD/$BUILD/core" GMAE_REQUIRE_GPU=1
+  export GMAE_CORE_DIR="$BUILD/core" GMAE_REQUIRE_GPU=1
   step pytest 240 "$RESULTS/pytest.txt" \
     "$PY" -m pytest tests/gpu --confcutdir=tests/gpu -p no:cacheprovider -q -rs --durations=5
 
