@@ -13,3 +13,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_GPU:
             item.add_marker(skip_gpu)
+
+
+# --- hypothesis profiles -----------------------------------------------------------------
+# "ci" (default): fixed examples (derandomized), no per-example deadline (the machine is
+# shared; timing is not under test). "fuzz" (`make fuzz`): 20x the examples, random seeds.
+# Pick one with `pytest --hypothesis-profile=fuzz`.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile(
+    "ci", max_examples=100, deadline=None, derandomize=True, suppress_health_check=_SLOW_OK
+)
+settings.register_profile(
+    "fuzz", max_examples=2000, deadline=None, suppress_health_check=_SLOW_OK, print_blob=True
+)
+settings.load_profile("ci")

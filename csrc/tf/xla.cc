@@ -222,7 +222,10 @@ class GroupedMaeGradXla : public XlaOpKernel {
                          xla::Broadcast(xla::NanValue(b, f), {r.n}));
 
     const TensorShape shape = ctx->InputShape(0);
-    std::vector<int64_t> dims(shape.dim_sizes().begin(), shape.dim_sizes().end());
+    // dim_sizes() returns by value: keep one copy (two calls give iterators into two
+    // different temporaries).
+    const auto sizes = shape.dim_sizes();
+    std::vector<int64_t> dims(sizes.begin(), sizes.end());
     xla::XlaOp sign = xla::Sign(xla::Sub(xla::ConvertElementType(ctx->Input(1), f),
                                          xla::ConvertElementType(ctx->Input(0), f)));
     xla::XlaOp grad = xla::Mul(sign, xla::BroadcastInDim(factor, dims, {0}));
