@@ -79,7 +79,8 @@ def _weights(
 
 def num_groups_tensor(num_groups, group_ids: tf.Tensor) -> tf.Tensor:
     if num_groups is None:
-        top = tf.reduce_max(group_ids) if group_ids.shape.rank else group_ids
+        # (ids are [N] here, or of unknown rank inside a tf.function: reduce to a scalar.)
+        top = tf.reduce_max(group_ids)
         return tf.maximum(tf.cast(top, tf.int64) + 1, tf.constant(1, tf.int64))
     if isinstance(num_groups, (bool, np.bool_)):
         raise TypeError(f"num_groups must be an int, got {num_groups!r}")

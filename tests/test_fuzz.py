@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 from cases import FLOAT_DTYPES, LOSS_RTOL, as_float64, formula_grad, formula_loss
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import grouped_mae_op as gm
@@ -30,20 +30,21 @@ def fuzz_inputs(draw):
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     dtype = draw(st.sampled_from(FLOAT_DTYPES))
-    true_dtype = draw(st.sampled_from([dtype] * 18 + [tf.float64, tf.int32]))
-    pred_dtype = draw(st.sampled_from([dtype] * 19 + [tf.int64]))
+    # Most draws are valid in each respect; the rare corruptions combine to about half.
+    true_dtype = draw(st.sampled_from([dtype] * 38 + [tf.float64, tf.int32]))
+    pred_dtype = draw(st.sampled_from([dtype] * 39 + [tf.int64]))
     n = draw(st.sampled_from([0, 1, 2, 3, 5, 8, 17, 40]))
-    rank = draw(st.sampled_from([1, 1, 2, 2, 3, 4, 0]))  # rank 0: a scalar target
-    row = tuple(draw(st.sampled_from([1, 2, 3, 3, 0])) for _ in range(max(rank - 1, 0)))
+    rank = draw(st.sampled_from([1] * 6 + [2] * 4 + [3] * 2 + [4] * 2 + [0]))  # 0: a scalar
+    row = tuple(draw(st.sampled_from([1, 2, 3] * 5 + [0])) for _ in range(max(rank - 1, 0)))
     shape_true = (n, *row) if rank else ()
     shape_pred = shape_true
-    if draw(st.integers(0, 19)) == 0:  # mismatched shapes
+    if draw(st.integers(0, 29)) == 0:  # mismatched shapes
         shape_pred = (n + 1, *row) if rank else (1,)
 
     ids_dtype = draw(st.sampled_from([np.int32, np.int64]))
     g = draw(st.sampled_from([1, 1, 2, 3, 7, 20, 100_000]))
-    id_range = draw(st.sampled_from(["valid", "valid", "valid", "over", "extreme"]))
-    ids_len = n if draw(st.integers(0, 19)) else n + draw(st.sampled_from([-1, 1, 2]))
+    id_range = draw(st.sampled_from(["valid"] * 8 + ["over", "extreme"]))
+    ids_len = n if draw(st.integers(0, 29)) else n + draw(st.sampled_from([-1, 1, 2]))
     ids_len = max(ids_len, 0)
     ids = rng.integers(-3, g, ids_len)
     if id_range == "over" and ids_len:
@@ -54,7 +55,7 @@ def fuzz_inputs(draw):
     ids = ids.astype(ids_dtype)
 
     num_groups_kind = draw(
-        st.sampled_from(["int", "int", "int32", "int64", "none", "one", "bad", "huge"])
+        st.sampled_from(["int"] * 4 + ["int32", "int64", "none", "none", "one", "bad", "huge"])
     )
     num_groups = {
         "int": g,
@@ -67,7 +68,7 @@ def fuzz_inputs(draw):
     }[num_groups_kind]
 
     def weights(length):
-        kind = draw(st.sampled_from(["none", "none", "ok", "ok", "negative", "nan", "length"]))
+        kind = draw(st.sampled_from(["none"] * 5 + ["ok"] * 6 + ["negative", "nan", "length"]))
         if kind == "none":
             return None
         w = rng.uniform(0, 3, length) * (rng.random(length) > 0.2)
@@ -117,8 +118,8 @@ def problems(inp) -> tuple[set, int | None]:
     g = int(g)
     if g <= 0 or g > INT32_MAX:
         bad.add("num_groups")
-        return bad, None
-    if (ids >= g).any():
+        g = None
+    elif (ids >= g).any():
         bad.add("group_ids")
     sw = inp["sample_weight"]
     if sw is not None:
@@ -128,7 +129,7 @@ def problems(inp) -> tuple[set, int | None]:
             # Padding rows (id < 0) are ignored entirely, their weights included.
             bad.add("sample_weight")
     gw = inp["group_weights"]
-    if gw is not None and (len(gw) != g or not (gw >= 0).all()):
+    if gw is not None and g is not None and (len(gw) != g or not (gw >= 0).all()):
         bad.add("group_weights")
     return bad, g
 
@@ -211,10 +212,10 @@ def eager(inp):
 @settings(max_examples=12 * PER_EXAMPLE)
 @given(fuzz_inputs())
 def test_fuzz_eager(inp):
-    check(inp, eager)
+    event(check(inp, eager))
 
 
 @settings(max_examples=8 * PER_EXAMPLE)
 @given(fuzz_inputs())
 def test_fuzz_tf_function(inp):
-    check(inp, in_function)
+    event(check(inp, in_function))
