@@ -176,9 +176,7 @@ def full_inputs(overrides: dict) -> dict:
 
 def call(fn, inputs: dict):
     kw = {k: v for k, v in inputs.items() if k in ("sample_weight", "group_weights")}
-    return fn(
-        inputs["y_true"], inputs["y_pred"], inputs["group_ids"], inputs["num_groups"], **kw
-    )
+    return fn(inputs["y_true"], inputs["y_pred"], inputs["group_ids"], inputs["num_groups"], **kw)
 
 
 def call_in_function(fn, inputs: dict, with_gradient: bool):

@@ -138,7 +138,12 @@ def loss_and_grad(fn, y_true, y_pred, ids, num_groups, sample_weight, group_weig
     with tf.GradientTape() as tape:
         tape.watch(y_pred)
         loss = fn(
-            y_true, y_pred, ids, num_groups, sample_weight=sample_weight, group_weights=group_weights
+            y_true,
+            y_pred,
+            ids,
+            num_groups,
+            sample_weight=sample_weight,
+            group_weights=group_weights,
         )
     return loss, (tape.gradient(loss, y_pred) if grad else None)
 
@@ -166,7 +171,9 @@ def in_function(inp):
             a.update(zip(present, args, strict=True))
             return loss_and_grad(gm.grouped_mae, *(a[k] for k in ARGS), inp["with_gradient"])
 
-        _FUNCTIONS[key] = tf.function(f, input_signature=[tf.TensorSpec(None, v.dtype) for v in values])
+        _FUNCTIONS[key] = tf.function(
+            f, input_signature=[tf.TensorSpec(None, v.dtype) for v in values]
+        )
     return _FUNCTIONS[key](*values)
 
 
@@ -204,9 +211,7 @@ def check(inp, run):
 
 
 def eager(inp):
-    return loss_and_grad(
-        gm.grouped_mae, *(inp[k] for k in ARGS), inp["with_gradient"]
-    )
+    return loss_and_grad(gm.grouped_mae, *(inp[k] for k in ARGS), inp["with_gradient"])
 
 
 @settings(max_examples=12 * PER_EXAMPLE)

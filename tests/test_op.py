@@ -6,11 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-from hypothesis import given
-from hypothesis import strategies as st
-
-import grouped_mae_op as gm
-from grouped_mae_op import reference
 from cases import (
     CASES,
     FLOAT_DTYPES,
@@ -22,6 +17,11 @@ from cases import (
     formula_loss,
     formula_stats,
 )
+from hypothesis import given
+from hypothesis import strategies as st
+
+import grouped_mae_op as gm
+from grouped_mae_op import reference
 
 # float16's subnormals (below 6.1e-5) are spaced 2^-24 apart: a loss or gradient entry that
 # small carries an absolute, not a relative, rounding error.
@@ -369,9 +369,7 @@ def test_modes_value_and_gradient(mode, dtype):
     expected = formula_loss(y_true, y_pred, ids.numpy(), g, sw, gw)
     np.testing.assert_allclose(as_float64(loss), expected, rtol=LOSS_RTOL["formula"][dtype])
     exp_grad = formula_grad(y_true, y_pred, ids.numpy(), g, sw, gw)
-    np.testing.assert_allclose(
-        as_float64(grad), exp_grad, rtol=GRAD_RTOL[dtype], atol=ATOL[dtype]
-    )
+    np.testing.assert_allclose(as_float64(grad), exp_grad, rtol=GRAD_RTOL[dtype], atol=ATOL[dtype])
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -459,9 +457,16 @@ def test_cpu_results_are_bitwise_identical_across_runs():
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
     "bad_pred, bad_true, expected_loss",
-    [(np.nan, 0.0, np.nan), (np.inf, 0.0, np.inf), (-np.inf, 0.0, np.inf), (np.inf, np.inf, np.nan)],
+    [
+        (np.nan, 0.0, np.nan),
+        (np.inf, 0.0, np.inf),
+        (-np.inf, 0.0, np.inf),
+        (np.inf, np.inf, np.nan),
+    ],
 )
-def test_non_finite_value_reaches_loss_and_only_its_own_group(mode, bad_pred, bad_true, expected_loss):
+def test_non_finite_value_reaches_loss_and_only_its_own_group(
+    mode, bad_pred, bad_true, expected_loss
+):
     rng = np.random.default_rng(9)
     n, g = 12, 3
     y_true, y_pred = away_from_kinks(rng, (n, 2))
