@@ -68,8 +68,11 @@ clean:
 FUZZ_ARGS ?=
 ASAN_BUILD := build-asan
 ASAN_PKG := $(CURDIR)/$(ASAN_BUILD)/pkg
-ASAN_TESTS ?= tests/test_op.py tests/test_errors.py tests/test_fuzz.py tests/test_smoke.py
-ASAN_ENV := PYTHONPATH=$(ASAN_PKG) LD_PRELOAD=$$($(CXX) -print-file-name=libasan.so) \
+ASAN_TESTS ?= tests
+# libstdc++ is preloaded with libasan: python itself does not link it, and ASan's
+# __cxa_throw interceptor must find it at start-up.
+ASAN_ENV := PYTHONPATH=$(ASAN_PKG) GMAE_EXPECT_SANITIZE=1 \
+	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so.6)" \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 

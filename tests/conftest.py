@@ -29,3 +29,12 @@ settings.register_profile(
     "fuzz", max_examples=2000, deadline=None, suppress_health_check=_SLOW_OK, print_blob=True
 )
 settings.load_profile("ci")
+
+
+# --- make sanitize ------------------------------------------------------------------------
+# The sanitized build is imported through PYTHONPATH; fail fast if the normal one was.
+if os.environ.get("GMAE_EXPECT_SANITIZE"):
+    import grouped_mae_op  # noqa: E402
+
+    if not grouped_mae_op.build_info().get("sanitize"):
+        raise RuntimeError(f"expected the sanitized build, imported {grouped_mae_op.__file__}")

@@ -270,3 +270,34 @@ def test_num_groups_none_with_out_of_int32_range_id_is_rejected():
     # max(id) + 1 = 2^40 groups cannot be allocated: refused before any allocation.
     with pytest.raises((ValueError, KERNEL), match="num_groups"):
         gm.grouped_mae([1.0], [2.0], np.array([2**40], np.int64))
+
+
+def test_num_groups_too_large_to_allocate_is_a_resource_error_not_a_crash():
+    # 2^31 - 1 groups pass the range check but need 48 GiB of [G] buffers. In a subprocess
+    # whose address space is capped 4 GiB above what TF already uses, the allocation fails
+    # and TF raises ResourceExhaustedError naming the shape; the process survives.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import os, resource
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        import tensorflow as tf
+        import grouped_mae_op as gm
+        with open("/proc/self/status") as f:
+            vm = next(int(l.split()[1]) for l in f if l.startswith("VmSize:")) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (4 << 30), resource.RLIM_INFINITY))
+        for fn in (gm.grouped_mae, gm.grouped_mae_stats):
+            try:
+                fn(tf.zeros([3]), tf.ones([3]), tf.constant([0, 1, 2]), 2**31 - 1)
+                print("no error")
+            except tf.errors.ResourceExhaustedError as err:
+                print("OOM" if "2147483647" in err.message or "4294967294" in err.message
+                      else err.message)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["OOM", "OOM"], out.stdout
