@@ -64,7 +64,8 @@ clean:
 #   make fuzz       the fuzz tests under the long hypothesis profile (random seeds)
 #   make test-slow  the tests marked slow (2^27 rows: a few GiB of memory), excluded from test
 #   make sanitize   the CPU kernels built with ASan + UBSan into build-asan/ (CUDA off; the
-#                   normal build and .venv are untouched), then the op tests run against them
+#                   normal build and .venv are untouched); the test suite then runs against
+#                   them (LD_PRELOAD of libasan, detect_leaks=0; any report aborts the run)
 FUZZ_ARGS ?=
 ASAN_BUILD := build-asan
 ASAN_PKG := $(CURDIR)/$(ASAN_BUILD)/pkg
