@@ -29,3 +29,26 @@ def _two_logical_cpus():
 
 
 _two_logical_cpus()
+# --- hypothesis profiles -----------------------------------------------------------------
+# "ci" (default): fixed examples (derandomized), no per-example deadline (the machine is
+# shared; timing is not under test). "fuzz" (`make fuzz`): 20x the examples, random seeds.
+# Pick one with `pytest --hypothesis-profile=fuzz`.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile(
+    "ci", max_examples=100, deadline=None, derandomize=True, suppress_health_check=_SLOW_OK
+)
+settings.register_profile(
+    "fuzz", max_examples=2000, deadline=None, suppress_health_check=_SLOW_OK, print_blob=True
+)
+settings.load_profile("ci")
+
+
+# --- make sanitize ------------------------------------------------------------------------
+# The sanitized build is imported through PYTHONPATH; fail fast if the normal one was.
+if os.environ.get("GMAE_EXPECT_SANITIZE"):
+    import grouped_mae_op  # noqa: E402
+
+    if not grouped_mae_op.build_info().get("sanitize"):
+        raise RuntimeError(f"expected the sanitized build, imported {grouped_mae_op.__file__}")
