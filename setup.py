@@ -26,6 +26,8 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
+        if ext.name == "grouped_mae_op._core":
+            return  # the TF-free core module: built by the same CMake run, next to the op library
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
         out_dir = target.parent
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -52,6 +54,9 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    ext_modules=[CMakeExtension("grouped_mae_op._grouped_mae_ops")],
+    ext_modules=[
+        CMakeExtension("grouped_mae_op._grouped_mae_ops"),
+        CMakeExtension("grouped_mae_op._core"),  # must come after the op library
+    ],
     cmdclass={"build_ext": CMakeBuild},
 )

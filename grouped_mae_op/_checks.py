@@ -42,12 +42,25 @@ def _to_tensor(value, name: str, dtype_hint=None) -> tf.Tensor:
         raise TypeError(f"{name} could not be converted to a tensor: {err}") from err
 
 
+def _explicit_dtype(value) -> bool:
+    # Tensors and numpy arrays/scalars carry a dtype the user chose: keep it (and reject it
+    # if it is wrong) rather than converting silently. Lists and Python numbers take the hint.
+    return isinstance(value, (tf.Tensor, tf.Variable, np.ndarray, np.generic))
+
+
+def _hint(value, dtype: tf.DType):
+    return None if _explicit_dtype(value) else dtype
+
+
 def _check_float(t: tf.Tensor, name: str) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be one of {_names(FLOAT_DTYPES)}, got {t.dtype.name}")
 
 
-def _weights(value, name: str, dtype: tf.DType, length, length_name: str) -> tf.Tensor:
+def _weights(
+    value, name: str, dtype: tf.DType, length, length_name: str, counted=True
+) -> tf.Tensor:
+    """counted: which entries must be >= 0 (a bool mask), True for all, None when unknown."""
     w = _to_tensor(value, name, dtype_hint=dtype)
     if not (w.dtype.is_floating or w.dtype.is_integer):
         raise TypeError(f"{name} must be a numeric tensor, got {w.dtype.name}")
@@ -55,9 +68,9 @@ def _weights(value, name: str, dtype: tf.DType, length, length_name: str) -> tf.
         raise ValueError(f"{name} must have shape [{length_name}], got shape {w.shape}")
     if length is not None and w.shape[0] is not None and w.shape[0] != length:
         raise ValueError(f"{name} must have shape [{length_name}] = [{length}], got {w.shape}")
-    static = tf.get_static_value(w)
+    static = tf.get_static_value(w) if counted is not None else None
     if static is not None:
-        bad = np.flatnonzero(~(np.asarray(static, dtype=np.float64) >= 0))
+        bad = np.flatnonzero(~(np.asarray(static, dtype=np.float64) >= 0) & counted)
         if bad.size:
             i = int(bad[0])
             raise ValueError(f"{name}[{i}] = {static[i]} is invalid: weights must be >= 0")
@@ -66,7 +79,8 @@ def _weights(value, name: str, dtype: tf.DType, length, length_name: str) -> tf.
 
 def num_groups_tensor(num_groups, group_ids: tf.Tensor) -> tf.Tensor:
     if num_groups is None:
-        top = tf.reduce_max(group_ids) if group_ids.shape.rank else group_ids
+        # (ids are [N] here, or of unknown rank inside a tf.function: reduce to a scalar.)
+        top = tf.reduce_max(group_ids)
         return tf.maximum(tf.cast(top, tf.int64) + 1, tf.constant(1, tf.int64))
     if isinstance(num_groups, (bool, np.bool_)):
         raise TypeError(f"num_groups must be an int, got {num_groups!r}")
@@ -89,9 +103,9 @@ def num_groups_tensor(num_groups, group_ids: tf.Tensor) -> tf.Tensor:
 
 
 def prepare(y_true, y_pred, group_ids, num_groups, sample_weight, group_weights=None) -> Args:
-    y_pred = _to_tensor(y_pred, "y_pred", dtype_hint=tf.float32)
+    y_pred = _to_tensor(y_pred, "y_pred", dtype_hint=_hint(y_pred, tf.float32))
     _check_float(y_pred, "y_pred")
-    y_true = _to_tensor(y_true, "y_true", dtype_hint=y_pred.dtype)
+    y_true = _to_tensor(y_true, "y_true", dtype_hint=_hint(y_true, y_pred.dtype))
     _check_float(y_true, "y_true")
     if y_true.dtype != y_pred.dtype:
         raise TypeError(
@@ -105,7 +119,7 @@ def prepare(y_true, y_pred, group_ids, num_groups, sample_weight, group_weights=
         raise ValueError(
             f"y_true and y_pred must have the same shape, got {y_true.shape} and {y_pred.shape}"
         )
-    ids = _to_tensor(group_ids, "group_ids", dtype_hint=tf.int32)
+    ids = _to_tensor(group_ids, "group_ids", dtype_hint=_hint(group_ids, tf.int32))
     if ids.dtype not in ID_DTYPES:
         raise TypeError(f"group_ids must be int32 or int64, got {ids.dtype.name}")
     if ids.shape.rank is not None and ids.shape.rank != 1:
@@ -130,7 +144,14 @@ def prepare(y_true, y_pred, group_ids, num_groups, sample_weight, group_weights=
             )
     sw = None
     if sample_weight is not None:
-        sw = _weights(sample_weight, "sample_weight", y_pred.dtype, n, "N")
+        # Padding rows (id < 0) are ignored with their weights, as in the kernels; when the
+        # ids are only known at run time the kernel checks the weights.
+        counted = None
+        if static_ids is not None and static_ids.ndim == 1:
+            counted = static_ids >= 0
+            if n is not None and counted.size != n:
+                counted = None
+        sw = _weights(sample_weight, "sample_weight", y_pred.dtype, n, "N", counted)
     gw = None
     if group_weights is not None:
         gw = _weights(

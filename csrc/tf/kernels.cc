@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 
 #include "cuda/grouped_mae_cuda.h"
+#include "tensorflow/core/util/determinism.h"
 #endif
 
 #include <cstdlib>
@@ -237,32 +238,41 @@ struct Impl<GPUDevice, T, Idx> {
             r.g};
   }
 
-  static absl::Status Workspace(OpKernelContext* ctx, int64_t g, Tensor* ws) {
-    const int64_t bytes = static_cast<int64_t>(gm::cuda::forward_workspace_bytes<CT>(g));
-    return ctx->allocate_temp(DT_UINT8, TensorShape({bytes}), ws);
-  }
-
   static absl::Status Check(cudaError_t err) {
     if (err == cudaSuccess) return absl::OkStatus();
     return errors::Internal("grouped_mae CUDA launch failed: ", cudaGetErrorString(err));
   }
 
+  // Launch plan and workspace. Under tf.config.experimental.enable_op_determinism() the
+  // deterministic strategy (fixed-order sums, no float atomics) is used, never a fallback.
+  static absl::Status Prepare(OpKernelContext* ctx, const gm::cuda::ForwardArgs<CT, Idx>& args,
+                              gm::cuda::ForwardPlan* plan, Tensor* ws) {
+    TF_RETURN_IF_ERROR(Check(gm::cuda::plan_forward(args, gm::cuda::Strategy::kAuto,
+                                                    OpDeterminismRequired(), plan)));
+    return ctx->allocate_temp(DT_UINT8,
+                              TensorShape({static_cast<int64_t>(plan->workspace_bytes)}), ws);
+  }
+
   static void Stats(OpKernelContext* ctx, const Rows<T, Idx>& rows, Tensor* sums,
                     Tensor* weights) {
+    const auto args = Args(rows, nullptr);
+    gm::cuda::ForwardPlan plan;
     Tensor ws;
-    OP_REQUIRES_OK(ctx, Workspace(ctx, rows.g, &ws));
+    OP_REQUIRES_OK(ctx, Prepare(ctx, args, &plan, &ws));
     auto stream = ctx->eigen_device<GPUDevice>().stream();
-    OP_REQUIRES_OK(ctx, Check(gm::cuda::stats(Args(rows, nullptr), ws.flat<uint8>().data(),
+    OP_REQUIRES_OK(ctx, Check(gm::cuda::stats(args, plan, ws.flat<uint8>().data(),
                                               sums->flat<Out>().data(),
                                               weights->flat<Out>().data(), stream)));
   }
 
   static void Loss(OpKernelContext* ctx, const Rows<T, Idx>& rows, const T* group_weights,
                    Tensor* loss, Tensor* scale) {
+    const auto args = Args(rows, group_weights);
+    gm::cuda::ForwardPlan plan;
     Tensor ws;
-    OP_REQUIRES_OK(ctx, Workspace(ctx, rows.g, &ws));
+    OP_REQUIRES_OK(ctx, Prepare(ctx, args, &plan, &ws));
     auto stream = ctx->eigen_device<GPUDevice>().stream();
-    OP_REQUIRES_OK(ctx, Check(gm::cuda::loss(Args(rows, group_weights), ws.flat<uint8>().data(),
+    OP_REQUIRES_OK(ctx, Check(gm::cuda::loss(args, plan, ws.flat<uint8>().data(),
                                              reinterpret_cast<CT*>(loss->flat<T>().data()),
                                              scale->flat<Out>().data(), stream)));
   }

@@ -221,8 +221,9 @@ class GroupedMaeGradXla : public XlaOpKernel {
     factor = xla::Select(xla::Or(r.valid, r.ignored), factor,
                          xla::Broadcast(xla::NanValue(b, f), {r.n}));
 
-    const TensorShape shape = ctx->InputShape(0);
-    std::vector<int64_t> dims(shape.dim_sizes().begin(), shape.dim_sizes().end());
+    // dim_sizes() returns by value: keep one copy so begin() and end() match.
+    const auto sizes = ctx->InputShape(0).dim_sizes();
+    std::vector<int64_t> dims(sizes.begin(), sizes.end());
     xla::XlaOp sign = xla::Sign(xla::Sub(xla::ConvertElementType(ctx->Input(1), f),
                                          xla::ConvertElementType(ctx->Input(0), f)));
     xla::XlaOp grad = xla::Mul(sign, xla::BroadcastInDim(factor, dims, {0}));
