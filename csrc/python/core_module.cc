@@ -160,12 +160,15 @@ py::tuple cpu_stats_impl(const py::array& yt, const py::array& yp, const py::arr
   CpuCall<T, Idx> c(yt, yp, ids, sw, g);
   py::array_t<double> sums(g), weights(g);
   const int64_t shards = gm::cpu::forward_shards(c.in.n, g, thread_count(threads));
-  std::vector<double> scratch(shards > 1 ? 2 * g * (shards - 1) : 0);
+  // stats writes (S_k, W_k) pairs: [G, 2] first, then its scratch.
+  std::vector<double> acc(2 * g + gm::cpu::forward_scratch_doubles(g, shards));
   gm::cpu::RowError err;
   {
     py::gil_scoped_release release;
-    err = gm::cpu::stats(c.in, shards, sums.mutable_data(), weights.mutable_data(), scratch.data(),
-                         run_shards);
+    err = gm::cpu::stats(c.in, shards, acc.data(), acc.data() + 2 * g, run_shards);
+    double* s = sums.mutable_data();
+    double* w = weights.mutable_data();
+    for (int64_t k = 0; k < g; ++k) s[k] = acc[2 * k], w[k] = acc[2 * k + 1];
   }
   raise_bad_input(err, g);
   return py::make_tuple(sums, weights);
@@ -189,18 +192,17 @@ py::tuple cpu_loss_impl(const py::array& yt, const py::array& yp, const py::arra
     raise_bad_input(gm::cpu::check_group_weights(gw_ptr, g), g);
   }
   using Out = typename gm::OutType<T>::type;
-  py::array_t<double> acc(2 * g);
   py::array_t<Out> scale(g);
   const int64_t shards = gm::cpu::forward_shards(c.in.n, g, thread_count(threads));
-  std::vector<double> scratch(shards > 1 ? 2 * g * (shards - 1) : 0);
+  // stats writes (S_k, W_k) pairs: [G, 2] first, then its scratch.
+  std::vector<double> acc(2 * g + gm::cpu::forward_scratch_doubles(g, shards));
   gm::cpu::RowError err;
   double value = 0;
   {
     py::gil_scoped_release release;
-    double* s = acc.mutable_data();
-    err = gm::cpu::stats(c.in, shards, s, s + g, scratch.data(), run_shards);
+    err = gm::cpu::stats(c.in, shards, acc.data(), acc.data() + 2 * g, run_shards);
     if (err.kind == gm::BadInput::kNone) {
-      value = gm::cpu::finalize(s, s + g, gw_ptr, g, scale.mutable_data());
+      value = gm::cpu::finalize(acc.data(), gw_ptr, g, scale.mutable_data());
     }
   }
   raise_bad_input(err, g);
