@@ -48,14 +48,18 @@ bench: build
 example: build
 	$(PY) examples/train_grouped.py
 
+CXX_SOURCES = $$(find csrc benchmarks tests/gpu -name '*.h' -o -name '*.cc' -o -name '*.cu')
+PY_SOURCES := grouped_mae_op tests examples scripts benchmarks
+
 lint: venv
-	$(PY) -m ruff check grouped_mae_op tests examples scripts
-	$(PY) -m ruff format --check grouped_mae_op tests examples scripts
-	clang-format --dry-run --Werror $$(find csrc -name '*.h' -o -name '*.cc' -o -name '*.cu')
+	@command -v clang-format >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq clang-format; }
+	$(PY) -m ruff check $(PY_SOURCES)
+	$(PY) -m ruff format --check $(PY_SOURCES)
+	clang-format --dry-run --Werror $(CXX_SOURCES)
 
 format: venv
-	$(PY) -m ruff format grouped_mae_op tests examples scripts
-	clang-format -i $$(find csrc -name '*.h' -o -name '*.cc' -o -name '*.cu')
+	$(PY) -m ruff format $(PY_SOURCES)
+	clang-format -i $(CXX_SOURCES)
 
 clean:
 	rm -rf build grouped_mae_op/_grouped_mae_ops*.so *.egg-info

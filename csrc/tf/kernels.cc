@@ -45,8 +45,8 @@ using Rows = gm::cpu::Inputs<T, Idx>;
 // ---------------------------------------------------------------------------------------
 // Validation shared by all kernels.
 
-absl::Status ValidateRows(const Tensor& y_true, const Tensor& y_pred, const Tensor& ids,
-                          int64_t* n, int64_t* d) {
+absl::Status ValidateRows(const Tensor& y_true, const Tensor& y_pred, const Tensor& ids, int64_t* n,
+                          int64_t* d) {
   if (y_true.dims() < 1) {
     return errors::InvalidArgument(
         "y_true must have a batch axis (rank >= 1), got a scalar of shape ",
@@ -95,8 +95,7 @@ absl::Status ReadNumGroups(const Tensor& t, int64_t* g) {
                              : static_cast<int64_t>(t.scalar<int64_t>()());
   if (*g <= 0) return errors::InvalidArgument("num_groups must be positive, got ", *g);
   if (*g > kMaxGroups) {
-    return errors::InvalidArgument("num_groups = ", *g, " is too large (at most ", kMaxGroups,
-                                   ")");
+    return errors::InvalidArgument("num_groups = ", *g, " is too large (at most ", kMaxGroups, ")");
   }
   return absl::OkStatus();
 }
@@ -106,8 +105,7 @@ absl::Status BadInputStatus(const gm::cpu::RowError& e, int64_t g) {
     case gm::BadInput::kNone:
       return absl::OkStatus();
     case gm::BadInput::kGroupId:
-      return errors::InvalidArgument("group_ids[", e.index, "] = ",
-                                     static_cast<int64_t>(e.value),
+      return errors::InvalidArgument("group_ids[", e.index, "] = ", static_cast<int64_t>(e.value),
                                      " is out of range: ids must be < num_groups = ", g,
                                      " (negative ids mark rows to ignore)");
     case gm::BadInput::kSampleWeight:
@@ -157,15 +155,13 @@ struct Impl<CPUDevice, T, Idx> {
     const int64_t doubles = 2 * rows.g + gm::cpu::forward_scratch_doubles(rows.g, shards);
     TF_RETURN_IF_ERROR(ctx->allocate_temp(DT_DOUBLE, TensorShape({doubles}), sw));
     double* base = sw->flat<double>().data();
-    auto err = gm::cpu::stats(rows, shards, base, base + 2 * rows.g,
-                              [ctx](int64_t n, const std::function<void(int64_t)>& fn) {
-                                RunShards(ctx, n, fn);
-                              });
+    auto err = gm::cpu::stats(
+        rows, shards, base, base + 2 * rows.g,
+        [ctx](int64_t n, const std::function<void(int64_t)>& fn) { RunShards(ctx, n, fn); });
     return BadInputStatus(err, rows.g);
   }
 
-  static void Stats(OpKernelContext* ctx, const Rows<T, Idx>& rows, Tensor* sums,
-                    Tensor* weights) {
+  static void Stats(OpKernelContext* ctx, const Rows<T, Idx>& rows, Tensor* sums, Tensor* weights) {
     Tensor acc;
     OP_REQUIRES_OK(ctx, Accumulate(ctx, rows, &acc));
     const double* s = acc.flat<double>().data();
@@ -186,8 +182,7 @@ struct Impl<CPUDevice, T, Idx> {
     Tensor acc;
     OP_REQUIRES_OK(ctx, Accumulate(ctx, rows, &acc));
     const double* s = acc.flat<double>().data();
-    const double value = gm::cpu::finalize(s, group_weights, rows.g,
-                                           scale->flat<OutT<T>>().data());
+    const double value = gm::cpu::finalize(s, group_weights, rows.g, scale->flat<OutT<T>>().data());
     loss->scalar<T>()() = static_cast<T>(value);
   }
 
@@ -199,8 +194,8 @@ struct Impl<CPUDevice, T, Idx> {
     std::vector<gm::cpu::RowError> errs(shards);
     T* o = out->flat<T>().data();
     RunShards(ctx, shards, [&](int64_t s) {
-      errs[s] = gm::cpu::backward(rows, scale, up, rows.n * s / shards, rows.n * (s + 1) / shards,
-                                  o);
+      errs[s] =
+          gm::cpu::backward(rows, scale, up, rows.n * s / shards, rows.n * (s + 1) / shards, o);
     });
     gm::cpu::RowError first;
     for (const auto& e : errs) first.keep_first(e);
@@ -247,22 +242,21 @@ struct Impl<GPUDevice, T, Idx> {
   // deterministic strategy (fixed-order sums, no float atomics) is used, never a fallback.
   static absl::Status Prepare(OpKernelContext* ctx, const gm::cuda::ForwardArgs<CT, Idx>& args,
                               gm::cuda::ForwardPlan* plan, Tensor* ws) {
-    TF_RETURN_IF_ERROR(Check(gm::cuda::plan_forward(args, gm::cuda::Strategy::kAuto,
-                                                    OpDeterminismRequired(), plan)));
-    return ctx->allocate_temp(DT_UINT8,
-                              TensorShape({static_cast<int64_t>(plan->workspace_bytes)}), ws);
+    TF_RETURN_IF_ERROR(Check(
+        gm::cuda::plan_forward(args, gm::cuda::Strategy::kAuto, OpDeterminismRequired(), plan)));
+    return ctx->allocate_temp(DT_UINT8, TensorShape({static_cast<int64_t>(plan->workspace_bytes)}),
+                              ws);
   }
 
-  static void Stats(OpKernelContext* ctx, const Rows<T, Idx>& rows, Tensor* sums,
-                    Tensor* weights) {
+  static void Stats(OpKernelContext* ctx, const Rows<T, Idx>& rows, Tensor* sums, Tensor* weights) {
     const auto args = Args(rows, nullptr);
     gm::cuda::ForwardPlan plan;
     Tensor ws;
     OP_REQUIRES_OK(ctx, Prepare(ctx, args, &plan, &ws));
     auto stream = ctx->eigen_device<GPUDevice>().stream();
-    OP_REQUIRES_OK(ctx, Check(gm::cuda::stats(args, plan, ws.flat<uint8>().data(),
-                                              sums->flat<Out>().data(),
-                                              weights->flat<Out>().data(), stream)));
+    OP_REQUIRES_OK(
+        ctx, Check(gm::cuda::stats(args, plan, ws.flat<uint8>().data(), sums->flat<Out>().data(),
+                                   weights->flat<Out>().data(), stream)));
   }
 
   static void Loss(OpKernelContext* ctx, const Rows<T, Idx>& rows, const T* group_weights,
@@ -280,10 +274,10 @@ struct Impl<GPUDevice, T, Idx> {
   static void Grad(OpKernelContext* ctx, const Rows<T, Idx>& rows, const Out* scale,
                    const Tensor& upstream, Tensor* out) {
     auto stream = ctx->eigen_device<GPUDevice>().stream();
-    OP_REQUIRES_OK(ctx, Check(gm::cuda::backward(
-                            Args(rows, nullptr), scale,
-                            reinterpret_cast<const CT*>(upstream.flat<T>().data()),
-                            reinterpret_cast<CT*>(out->flat<T>().data()), stream)));
+    OP_REQUIRES_OK(ctx,
+                   Check(gm::cuda::backward(Args(rows, nullptr), scale,
+                                            reinterpret_cast<const CT*>(upstream.flat<T>().data()),
+                                            reinterpret_cast<CT*>(out->flat<T>().data()), stream)));
   }
 };
 #endif  // GOOGLE_CUDA
@@ -332,8 +326,8 @@ class GroupedMaeOp : public OpKernel {
     Tensor* scale = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &loss));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({rows.g}), &scale));
-    Impl<Device, T, Idx>::Loss(ctx, rows, has_group_weights_ ? gw.flat<T>().data() : nullptr,
-                               loss, scale);
+    Impl<Device, T, Idx>::Loss(ctx, rows, has_group_weights_ ? gw.flat<T>().data() : nullptr, loss,
+                               scale);
   }
 
  private:
@@ -378,9 +372,9 @@ class GroupedMaeGradOp : public OpKernel {
     OP_REQUIRES(ctx, scale.dims() == 1 && scale.dim_size(0) >= 1,
                 errors::InvalidArgument("group_scale must be a non-empty vector [num_groups], got ",
                                         scale.shape().DebugString()));
-    OP_REQUIRES(ctx, upstream.dims() == 0,
-                errors::InvalidArgument("upstream must be a scalar, got ",
-                                        upstream.shape().DebugString()));
+    OP_REQUIRES(
+        ctx, upstream.dims() == 0,
+        errors::InvalidArgument("upstream must be a scalar, got ", upstream.shape().DebugString()));
     rows.g = scale.dim_size(0);
     Tensor* out = nullptr;
     OP_REQUIRES_OK(ctx, AllocateGrad(ctx, ctx->input(1).shape(), &out));
@@ -422,26 +416,26 @@ class GroupedMaeGradOp : public OpKernel {
   Tensor last_grad_ TF_GUARDED_BY(mu_);
 };
 
-#define GMAE_REGISTER(DEV, DEVICE, T, Idx)                                                 \
-  REGISTER_KERNEL_BUILDER(Name("GroupedMae")                                               \
-                              .Device(DEV)                                                 \
-                              .HostMemory("num_groups")                                    \
-                              .TypeConstraint<T>("T")                                      \
-                              .TypeConstraint<OutT<T>>("Tout")                             \
-                              .TypeConstraint<Idx>("Tidx"),                                \
-                          GroupedMaeOp<DEVICE, T, Idx>);                                   \
-  REGISTER_KERNEL_BUILDER(Name("GroupedMaeStats")                                          \
-                              .Device(DEV)                                                 \
-                              .HostMemory("num_groups")                                    \
-                              .TypeConstraint<T>("T")                                      \
-                              .TypeConstraint<OutT<T>>("Tout")                             \
-                              .TypeConstraint<Idx>("Tidx"),                                \
-                          GroupedMaeStatsOp<DEVICE, T, Idx>);                              \
-  REGISTER_KERNEL_BUILDER(Name("GroupedMaeGrad")                                           \
-                              .Device(DEV)                                                 \
-                              .TypeConstraint<T>("T")                                      \
-                              .TypeConstraint<OutT<T>>("Tout")                             \
-                              .TypeConstraint<Idx>("Tidx"),                                \
+#define GMAE_REGISTER(DEV, DEVICE, T, Idx)                     \
+  REGISTER_KERNEL_BUILDER(Name("GroupedMae")                   \
+                              .Device(DEV)                     \
+                              .HostMemory("num_groups")        \
+                              .TypeConstraint<T>("T")          \
+                              .TypeConstraint<OutT<T>>("Tout") \
+                              .TypeConstraint<Idx>("Tidx"),    \
+                          GroupedMaeOp<DEVICE, T, Idx>);       \
+  REGISTER_KERNEL_BUILDER(Name("GroupedMaeStats")              \
+                              .Device(DEV)                     \
+                              .HostMemory("num_groups")        \
+                              .TypeConstraint<T>("T")          \
+                              .TypeConstraint<OutT<T>>("Tout") \
+                              .TypeConstraint<Idx>("Tidx"),    \
+                          GroupedMaeStatsOp<DEVICE, T, Idx>);  \
+  REGISTER_KERNEL_BUILDER(Name("GroupedMaeGrad")               \
+                              .Device(DEV)                     \
+                              .TypeConstraint<T>("T")          \
+                              .TypeConstraint<OutT<T>>("Tout") \
+                              .TypeConstraint<Idx>("Tidx"),    \
                           GroupedMaeGradOp<DEVICE, T, Idx>);
 
 #define GMAE_REGISTER_T(DEV, DEVICE, T) \

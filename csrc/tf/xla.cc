@@ -29,14 +29,13 @@ struct Rows {
   xla::XlaOp bad;      // pred[]: some id >= G or some used weight < 0 / NaN
 };
 
-absl::Status ReadRows(XlaOpKernelContext* ctx, bool has_sample_weight, int sw_index,
-                      int64_t g, xla::PrimitiveType acc, Rows* r) {
+absl::Status ReadRows(XlaOpKernelContext* ctx, bool has_sample_weight, int sw_index, int64_t g,
+                      xla::PrimitiveType acc, Rows* r) {
   xla::XlaBuilder* b = ctx->builder();
   const TensorShape shape = ctx->InputShape(0);
   if (shape.dims() < 1 || shape != ctx->InputShape(1)) {
     return errors::InvalidArgument("y_true and y_pred must have the same shape of rank >= 1, got ",
-                                   shape.DebugString(), " and ",
-                                   ctx->InputShape(1).DebugString());
+                                   shape.DebugString(), " and ", ctx->InputShape(1).DebugString());
   }
   const TensorShape ids_shape = ctx->InputShape(2);
   if (ids_shape.dims() != 1 || ids_shape.dim_size(0) != shape.dim_size(0)) {
@@ -65,8 +64,8 @@ absl::Status ReadRows(XlaOpKernelContext* ctx, bool has_sample_weight, int sw_in
                                      ctx->InputShape(sw_index).DebugString());
     }
     r->weight = xla::ConvertElementType(ctx->Input(sw_index), acc);
-    xla::XlaOp bad_w = xla::And(xla::Not(r->ignored),
-                                xla::Not(xla::Ge(r->weight, xla::Zero(b, acc))));
+    xla::XlaOp bad_w =
+        xla::And(xla::Not(r->ignored), xla::Not(xla::Ge(r->weight, xla::Zero(b, acc))));
     r->bad = xla::Or(xla::Any(out_of_range), xla::Any(bad_w));
   } else {
     r->weight = xla::Broadcast(xla::One(b, acc), {r->n});
@@ -80,8 +79,7 @@ xla::PrimitiveType AccType(DataType t) {
 }
 
 // S and W as acc[G], from a scatter-add over valid rows.
-void Accumulate(XlaOpKernelContext* ctx, const Rows& r, int64_t g, xla::XlaOp* s,
-                xla::XlaOp* w) {
+void Accumulate(XlaOpKernelContext* ctx, const Rows& r, int64_t g, xla::XlaOp* s, xla::XlaOp* w) {
   xla::XlaBuilder* b = ctx->builder();
   const xla::XlaOp zero = xla::Zero(b, r.acc);
   xla::XlaOp diff = xla::Abs(xla::Sub(xla::ConvertElementType(ctx->Input(1), r.acc),
@@ -145,8 +143,8 @@ class GroupedMaeXla : public XlaOpKernel {
     }
     const xla::XlaOp present = xla::Ne(w, zeros_g);
     const xla::XlaComputation add = xla::CreateScalarAddComputation(acc, b);
-    xla::XlaOp num = xla::ReduceAll(xla::Select(present, xla::Mul(v, xla::Div(s, w)), zeros_g),
-                                    zero, add);
+    xla::XlaOp num =
+        xla::ReduceAll(xla::Select(present, xla::Mul(v, xla::Div(s, w)), zeros_g), zero, add);
     xla::XlaOp vsum = xla::ReduceAll(xla::Select(present, v, zeros_g), zero, add);
     const xla::XlaOp no_weight = xla::Eq(vsum, zero);
     xla::XlaOp loss = xla::Select(no_weight, zero, xla::Div(num, vsum));
@@ -227,8 +225,7 @@ class GroupedMaeGradXla : public XlaOpKernel {
     xla::XlaOp sign = xla::Sign(xla::Sub(xla::ConvertElementType(ctx->Input(1), f),
                                          xla::ConvertElementType(ctx->Input(0), f)));
     xla::XlaOp grad = xla::Mul(sign, xla::BroadcastInDim(factor, dims, {0}));
-    grad = xla::Select(xla::BroadcastInDim(r.ignored, dims, {0}), xla::Broadcast(zero, dims),
-                       grad);
+    grad = xla::Select(xla::BroadcastInDim(r.ignored, dims, {0}), xla::Broadcast(zero, dims), grad);
     ctx->SetOutput(0, xla::ConvertElementType(grad, t));
   }
 
@@ -237,8 +234,7 @@ class GroupedMaeGradXla : public XlaOpKernel {
 };
 
 REGISTER_XLA_OP(Name("GroupedMae").CompileTimeConstantInput("num_groups"), GroupedMaeXla);
-REGISTER_XLA_OP(Name("GroupedMaeStats").CompileTimeConstantInput("num_groups"),
-                GroupedMaeStatsXla);
+REGISTER_XLA_OP(Name("GroupedMaeStats").CompileTimeConstantInput("num_groups"), GroupedMaeStatsXla);
 REGISTER_XLA_OP(Name("GroupedMaeGrad"), GroupedMaeGradXla);
 
 }  // namespace
