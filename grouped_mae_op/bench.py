@@ -469,7 +469,7 @@ def plot(rows: list[dict], path: Path) -> bool:
         yscale="log",
         xlabel="N (rows)",
         ylabel="reference time / fused time",
-        title=f"speedup of fused over the pure-TF composite ({mode})",
+        title=f"speedup of fused over the pure-TF reference ({mode})",
     )
     ax2.legend(fontsize=6, ncol=2)
     ax2.grid(True, which="both", alpha=0.3)
