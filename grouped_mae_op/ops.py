@@ -8,8 +8,9 @@ from grouped_mae_op._checks import prepare, stats_dtype
 from grouped_mae_op._loader import ops as _ops
 
 
-def _empty(dtype: tf.DType) -> tf.Tensor:
-    return tf.zeros([0], dtype)
+def _or_empty(weights, dtype: tf.DType) -> tf.Tensor:
+    """The op always takes its optional weight inputs; an empty tensor stands for "absent"."""
+    return weights if weights is not None else tf.zeros([0], dtype)
 
 
 def grouped_mae(
@@ -59,8 +60,8 @@ def grouped_mae(
             a.y_pred,
             a.group_ids,
             a.num_groups,
-            a.sample_weight if a.sample_weight is not None else _empty(dtype),
-            a.group_weights if a.group_weights is not None else _empty(dtype),
+            _or_empty(a.sample_weight, dtype),
+            _or_empty(a.group_weights, dtype),
             Tout=stats_dtype(dtype),
             has_sample_weight=a.sample_weight is not None,
             has_group_weights=a.group_weights is not None,
@@ -93,7 +94,7 @@ def grouped_mae_stats(
             a.y_pred,
             a.group_ids,
             a.num_groups,
-            a.sample_weight if a.sample_weight is not None else _empty(dtype),
+            _or_empty(a.sample_weight, dtype),
             Tout=stats_dtype(dtype),
             has_sample_weight=a.sample_weight is not None,
         )
