@@ -165,10 +165,11 @@ py::tuple cpu_stats_impl(const py::array& yt, const py::array& yp, const py::arr
   gm::cpu::RowError err;
   {
     py::gil_scoped_release release;
-    err = gm::cpu::stats(c.in, shards, acc.data(), acc.data() + 2 * g, run_shards);
-    double* s = sums.mutable_data();
-    double* w = weights.mutable_data();
-    for (int64_t k = 0; k < g; ++k) s[k] = acc[2 * k], w[k] = acc[2 * k + 1];
+    gm::cpu::Touched touched;
+    err = gm::cpu::stats(c.in, shards, acc.data(), acc.data() + 2 * g, run_shards, &touched);
+    if (err.kind == gm::BadInput::kNone) {
+      gm::cpu::unpack(acc.data(), touched, g, sums.mutable_data(), weights.mutable_data());
+    }
   }
   raise_bad_input(err, g);
   return py::make_tuple(sums, weights);
@@ -200,9 +201,10 @@ py::tuple cpu_loss_impl(const py::array& yt, const py::array& yp, const py::arra
   double value = 0;
   {
     py::gil_scoped_release release;
-    err = gm::cpu::stats(c.in, shards, acc.data(), acc.data() + 2 * g, run_shards);
+    gm::cpu::Touched touched;
+    err = gm::cpu::stats(c.in, shards, acc.data(), acc.data() + 2 * g, run_shards, &touched);
     if (err.kind == gm::BadInput::kNone) {
-      value = gm::cpu::finalize(acc.data(), gw_ptr, g, scale.mutable_data());
+      value = gm::cpu::finalize(acc.data(), touched, gw_ptr, g, scale.mutable_data());
     }
   }
   raise_bad_input(err, g);

@@ -149,28 +149,26 @@ struct Impl;
 template <typename T, typename Idx>
 struct Impl<CPUDevice, T, Idx> {
   // S and W in float64; returns them in a temp tensor whose first 2G doubles are
-  // (S_0, W_0, S_1, W_1, ...).
-  static absl::Status Accumulate(OpKernelContext* ctx, const Rows<T, Idx>& rows, Tensor* sw) {
+  // (S_0, W_0, S_1, W_1, ...), written for the groups in *touched.
+  static absl::Status Accumulate(OpKernelContext* ctx, const Rows<T, Idx>& rows, Tensor* sw,
+                                 gm::cpu::Touched* touched) {
     const int64_t shards = gm::cpu::forward_shards(rows.n, rows.g, CpuThreads(ctx));
     const int64_t doubles = 2 * rows.g + gm::cpu::forward_scratch_doubles(rows.g, shards);
     TF_RETURN_IF_ERROR(ctx->allocate_temp(DT_DOUBLE, TensorShape({doubles}), sw));
     double* base = sw->flat<double>().data();
     auto err = gm::cpu::stats(
         rows, shards, base, base + 2 * rows.g,
-        [ctx](int64_t n, const std::function<void(int64_t)>& fn) { RunShards(ctx, n, fn); });
+        [ctx](int64_t n, const std::function<void(int64_t)>& fn) { RunShards(ctx, n, fn); },
+        touched);
     return BadInputStatus(err, rows.g);
   }
 
   static void Stats(OpKernelContext* ctx, const Rows<T, Idx>& rows, Tensor* sums, Tensor* weights) {
     Tensor acc;
-    OP_REQUIRES_OK(ctx, Accumulate(ctx, rows, &acc));
-    const double* s = acc.flat<double>().data();
-    auto out_s = sums->flat<OutT<T>>();
-    auto out_w = weights->flat<OutT<T>>();
-    for (int64_t k = 0; k < rows.g; ++k) {
-      out_s(k) = static_cast<OutT<T>>(s[2 * k]);
-      out_w(k) = static_cast<OutT<T>>(s[2 * k + 1]);
-    }
+    gm::cpu::Touched touched;
+    OP_REQUIRES_OK(ctx, Accumulate(ctx, rows, &acc, &touched));
+    gm::cpu::unpack(acc.flat<double>().data(), touched, rows.g, sums->flat<OutT<T>>().data(),
+                    weights->flat<OutT<T>>().data());
   }
 
   static void Loss(OpKernelContext* ctx, const Rows<T, Idx>& rows, const T* group_weights,
@@ -180,9 +178,10 @@ struct Impl<CPUDevice, T, Idx> {
                      BadInputStatus(gm::cpu::check_group_weights(group_weights, rows.g), rows.g));
     }
     Tensor acc;
-    OP_REQUIRES_OK(ctx, Accumulate(ctx, rows, &acc));
-    const double* s = acc.flat<double>().data();
-    const double value = gm::cpu::finalize(s, group_weights, rows.g, scale->flat<OutT<T>>().data());
+    gm::cpu::Touched touched;
+    OP_REQUIRES_OK(ctx, Accumulate(ctx, rows, &acc, &touched));
+    const double value = gm::cpu::finalize(acc.flat<double>().data(), touched, group_weights,
+                                           rows.g, scale->flat<OutT<T>>().data());
     loss->scalar<T>()() = static_cast<T>(value);
   }
 

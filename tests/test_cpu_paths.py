@@ -1,0 +1,132 @@
+"""Each path of the CPU forward (csrc/cpu/grouped_mae_cpu.h) against the float64 formula:
+the sparse path (few rows, many groups), long and short runs of one id (sorted ids), the
+scatter with per-copy partials (G <= 256) and without, and blocks with ignored rows.
+Loss, per-group statistics and the gradient, with and without weights, D = 1 and D = 3."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from cases import formula_grad, formula_loss, formula_stats
+
+import grouped_mae_op as gm
+from grouped_mae_op import reference
+
+RTOL = {tf.float32: 1e-6, tf.float64: 1e-12}
+KERNEL = tf.errors.InvalidArgumentError
+
+
+def make_ids(kind: str, n: int, g: int, rng) -> np.ndarray:
+    if kind in ("sparse", "scatter"):
+        ids = rng.integers(0, g, n)
+    elif kind in ("short_runs", "long_runs", "mixed_runs"):
+        lo, hi = {"short_runs": (2, 12), "long_runs": (40, 400), "mixed_runs": (1, 300)}[kind]
+        lengths = rng.integers(lo, hi, n)
+        ids = np.repeat(np.sort(rng.choice(g, size=n, replace=True)), lengths)[:n]
+    else:
+        raise ValueError(kind)
+    return ids.astype(np.int32)
+
+
+# (kind, n, g): the sparse path needs g >= 4096 and n * 4 <= g; blocks are 256 rows.
+PROBLEMS = [
+    ("sparse", 700, 5000),
+    ("sparse", 1024, 100_000),
+    ("short_runs", 3000, 4000),
+    ("long_runs", 3000, 200),
+    ("mixed_runs", 3000, 2000),
+    ("scatter", 3000, 50),  # per-copy partials
+    ("scatter", 3000, 3000),  # one partial
+]
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64], ids=lambda d: d.name)
+@pytest.mark.parametrize("d", [1, 3])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("ignored", [False, True])
+@pytest.mark.parametrize("kind, n, g", PROBLEMS)
+def test_path_matches_formula(kind, n, g, ignored, weighted, d, dtype):
+    rng = np.random.default_rng(hash((kind, n, g, ignored, weighted, d)) % 2**32)
+    ids = make_ids(kind, n, g, rng)
+    if ignored:
+        ids[rng.random(n) < 0.1] = -1
+    shape = (n,) if d == 1 else (n, d)
+    np_dtype = dtype.as_numpy_dtype
+    y_true = rng.standard_normal(shape).astype(np_dtype)
+    y_pred = rng.standard_normal(shape).astype(np_dtype)
+    sw = rng.random(n).astype(np_dtype) * 2 if weighted else None
+    if weighted:
+        sw[rng.random(n) < 0.05] = 0  # zero weights, and whole groups of weight 0
+    gw = rng.random(g).astype(np_dtype) if weighted else None
+
+    yp = tf.constant(y_pred)
+    with tf.GradientTape() as tape:
+        tape.watch(yp)
+        loss = gm.grouped_mae(y_true, yp, ids, g, sample_weight=sw, group_weights=gw)
+    grad = tape.gradient(loss, yp)
+    sums, weights = gm.grouped_mae_stats(y_true, y_pred, ids, g, sample_weight=sw)
+
+    rtol = RTOL[dtype]
+    want_loss = formula_loss(y_true, y_pred, ids, g, sw, gw)
+    np.testing.assert_allclose(float(loss), want_loss, rtol=rtol)
+    np.testing.assert_allclose(
+        float(loss),
+        float(reference.grouped_mae(y_true, y_pred, ids, g, sample_weight=sw, group_weights=gw)),
+        rtol=2 * rtol,
+    )
+    want_s, want_w = formula_stats(y_true, y_pred, ids, g, sw)
+    np.testing.assert_allclose(sums.numpy(), want_s, rtol=rtol, atol=0)
+    np.testing.assert_allclose(weights.numpy(), want_w, rtol=rtol, atol=0)
+    assert np.all(sums.numpy()[want_w == 0] == 0)  # groups without rows are exactly 0
+    want_grad = formula_grad(y_true, y_pred, ids, g, sw, gw)
+    np.testing.assert_allclose(grad.numpy(), want_grad, rtol=rtol, atol=0)
+
+
+def test_sparse_and_dense_paths_agree_at_the_boundary():
+    # 1000 rows: G = 4095 takes the dense path, G = 4096 the sparse one (n * 4 <= G).
+    rng = np.random.default_rng(7)
+    n = 1000
+    ids = rng.integers(-1, 900, n).astype(np.int32)
+    y_true = rng.standard_normal(n)
+    y_pred = rng.standard_normal(n)
+    sw = rng.random(n)
+    losses = [float(gm.grouped_mae(y_true, y_pred, ids, g, sample_weight=sw)) for g in (4095, 4096)]
+    want = formula_loss(y_true, y_pred, ids, 4096, sw)
+    np.testing.assert_allclose(losses, [want, want], rtol=1e-13)
+
+
+def test_sparse_path_reports_the_first_bad_row():
+    # Inside tf.function, so that the kernel (not the Python-side check of constant inputs)
+    # finds the bad rows.
+    n, g = 500, 10_000
+    loss = tf.function(
+        lambda ids, sw: gm.grouped_mae(tf.zeros([n]), tf.ones([n]), ids, g, sample_weight=sw)
+    )
+    stats = tf.function(
+        lambda ids, sw: gm.grouped_mae_stats(tf.zeros([n]), tf.ones([n]), ids, g, sample_weight=sw)
+    )
+    ids = np.arange(n, dtype=np.int32)
+    ids[[300, 40]] = [g + 5, g]
+    ones = tf.ones([n])
+    with pytest.raises(KERNEL, match=r"group_ids\[40\] = 10000 is out of range"):
+        loss(tf.constant(ids), ones)
+    sw = np.ones(n, np.float32)
+    sw[[200, 90]] = [-2, np.nan]
+    ids = np.arange(n, dtype=np.int32)
+    ids[90] = -1  # an ignored row's weight is not checked, as on the dense path
+    for f in (loss, stats):
+        with pytest.raises(KERNEL, match=r"sample_weight\[200\] = -2"):
+            f(tf.constant(ids), tf.constant(sw))
+
+
+def test_sparse_path_repeated_calls_do_not_see_old_groups():
+    # The sparse path clears only the groups it touches: a second call with other groups
+    # must not see the first call's sums (each call gets fresh scratch, but check anyway).
+    g = 50_000
+    f = tf.function(lambda t, p, ids: gm.grouped_mae_stats(t, p, ids, g))
+    a = f(tf.ones([100]), tf.zeros([100]), tf.range(100))
+    b = f(tf.ones([100]), tf.zeros([100]), tf.range(100, 200))
+    assert float(tf.reduce_sum(a[1])) == 100 and float(tf.reduce_sum(b[1])) == 100
+    np.testing.assert_array_equal(b[1].numpy()[:100], 0)
+    np.testing.assert_array_equal(b[1].numpy()[100:200], 1)
