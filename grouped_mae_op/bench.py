@@ -17,9 +17,15 @@ slows all of them alike), each inside one tf.function, warmed up, median of the 
   empty         a tf.function with the same inputs that does nothing: TF's fixed cost per call,
                 which bounds every speedup at small N
 Modes: fwd (the loss) and fwdbwd (the loss and its gradient with respect to y_pred).
+Timing: "call" is the time of one call of the tf.function, TF's fixed cost per call included
+(the "empty" column, ~0.4 ms on a small VM: it caps every speedup at small N). For the N in
+--graph-n (2^10 by default) each configuration is also timed "graph": per computation inside
+one tf.function that runs it K x U times (a tf.while_loop of K iterations over U copies of the
+inputs), which is what the loss costs inside a training step.
 
 Writes to --out (default bench_results/): results.json (every timing, the machine, TF, the build),
-results.png (time against N per implementation; speedup of fused over reference). Prints a table.
+results.png (time against N per implementation; speedup of fused over the composite). Prints a
+table.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ PROFILES = {
         dtype=["float32"],
         reps=7,
         min_time=0.4,
+        graph_n=[2**10],
     ),
     "full": dict(
         n=[2**k for k in range(10, 25, 2)],
@@ -70,6 +77,7 @@ PROFILES = {
         dtype=["float32", "float16", "float64"],
         reps=9,
         min_time=0.5,
+        graph_n=[2**10, 2**12, 2**14],
     ),
 }
 
@@ -153,30 +161,39 @@ def _body(impl: str, mode: str, g: int):
     return fwdbwd
 
 
-def _scalar(out) -> tf.Tensor:
-    """A float32 scalar that depends on every output (a slice of a gradient needs all of it)."""
-    parts = out if isinstance(out, (tuple, list)) else [out]
-    return tf.add_n([tf.cast(tf.reshape(t, [-1])[0], tf.float32) for t in parts])
+def _consume(out) -> tf.Tensor:
+    """A float32 scalar that reads every element of every output (as a training step's later
+    ops would: the optimizer reads the whole gradient), so that none can be pruned."""
+    parts = [tf.cast(t, tf.float32) if t.dtype != tf.float32 else t for t in tf.nest.flatten(out)]
+    return tf.add_n([t if t.shape.rank == 0 else tf.reduce_sum(t) for t in parts])
 
 
 def build_fn(impl: str, mode: str, g: int, in_graph: int = 0):
-    """A tf.function of (y_true, y_pred, ids).
+    """A tf.function of (y_true, y_pred, ids), or with in_graph = K > 0 of three lists.
 
-    With in_graph = K > 0 it runs the computation K times in a tf.while_loop and returns a
-    scalar; its time / K is the cost inside a larger graph (a training step), without TF's
-    fixed cost per tf.function call.
+    With in_graph = K it runs a tf.while_loop of K iterations, each computing the loss (and
+    gradient) once per copy of the inputs in the lists (distinct tensors, so that TF cannot
+    merge the computations) and reading every output once. Its time / (K * copies) is the
+    cost of one computation inside a larger graph (a training step), without TF's fixed cost
+    per call.
     """
     body = _body(impl, mode, g)
     if not in_graph:
         return tf.function(body)
 
-    def looped(yt, yp, ids):
+    def looped(yts, yps, idss):
         def step(i, acc):
-            return i + 1, acc + _scalar(body(yt, yp, ids))
+            outs = [body(yt, yp, ids) for yt, yp, ids in zip(yts, yps, idss, strict=True)]
+            return i + 1, acc + tf.add_n([_consume(o) for o in outs])
 
         return tf.while_loop(lambda i, acc: i < in_graph, step, (0, 0.0))[1]
 
     return tf.function(looped)
+
+
+def graph_inputs(inputs, copies: int):
+    """`copies` distinct copies of each input tensor, as three lists (for build_fn in_graph)."""
+    return tuple([tf.constant(t.numpy()) for _ in range(copies)] for t in inputs)
 
 
 def applicable(impl: str, layout: str) -> bool:
@@ -193,7 +210,9 @@ def _sync(device: str) -> None:
 
 
 def _first_value(out) -> float:
-    first = out[0] if isinstance(out, (tuple, list)) else out
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    first = out
     return float(np.ravel(first.numpy())[0])
 
 
@@ -352,7 +371,7 @@ def _fmt_n(n):
 def table(rows: list[dict]) -> str:
     """One line per configuration; time columns per implementation (median ms)."""
     head = (
-        f"{'dev':4} {'dtype':8} {'mode':6} {'layout':7} {'N':>5} {'G':>7} | "
+        f"{'dev':4} {'dtype':8} {'mode':6} {'time':5} {'layout':7} {'N':>5} {'G':>7} | "
         f"{'fused':>8} {'reference':>9} {'composite':>9} {'seg_mean*':>9} {'floor':>7} "
         f"{'empty':>6} | {'vs ref':>7} {'vs comp':>7} {'x floor':>7}"
     )
@@ -363,7 +382,8 @@ def table(rows: list[dict]) -> str:
         speed_c = r.get("speedup_vs_composite")
         xfloor = r.get("fused_over_floor")
         lines.append(
-            f"{r['device']:4} {r['dtype']:8} {r['mode']:6} {r['layout']:7} {_fmt_n(r['n']):>5} "
+            f"{r['device']:4} {r['dtype']:8} {r['mode']:6} {r.get('timing', 'call'):5} "
+            f"{r['layout']:7} {_fmt_n(r['n']):>5} "
             f"{r['g']:>7} | {_fmt_ms(ms.get('fused')):>8} {_fmt_ms(ms.get('reference')):>9} "
             f"{_fmt_ms(ms.get('composite')):>9} "
             f"{_fmt_ms(ms.get('segment_mean')):>9} {_fmt_ms(ms.get('floor')):>7} "
@@ -373,11 +393,14 @@ def table(rows: list[dict]) -> str:
             f"{'-' if xfloor is None else f'{xfloor:.2f}':>7}"
         )
     lines.append(
-        "median ms per call. vs ref = reference / fused; vs comp = composite / fused "
+        "Median ms. time = call: per call of a tf.function (includes TF's fixed cost per call, "
+        "the 'empty' column); graph: per computation inside one tf.function that runs it many "
+        "times (as inside a training step, where that cost is paid once per step). "
+        "vs ref = reference / fused; vs comp = composite / fused "
         "(composite: float32 unsorted_segment_sum, as users write it). "
         "x floor = fused / floor, where floor is "
-        "one read of the inputs (12 B/row float32). empty = a tf.function that does nothing "
-        "(TF's cost per call). *segment_mean: sorted ids only, and wrong when a group is empty."
+        "one read of the inputs (12 B/row float32). *segment_mean: sorted ids only, and wrong "
+        "when a group is empty."
     )
     return "\n".join(lines)
 
@@ -391,8 +414,11 @@ def plot(rows: list[dict], path: Path) -> bool:
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return False
+    rows = [r for r in rows if r.get("timing", "call") == "call"]
     mode = "fwdbwd" if any(r["mode"] == "fwdbwd" for r in rows) else "fwd"
     sel = [r for r in rows if r["mode"] == mode]
+    # Speedup over the composite users write, or over the reference if it was not timed.
+    base = "composite" if any(r.get("speedup_vs_composite") for r in sel) else "reference"
     ns = sorted({r["n"] for r in sel})
     if len(ns) < 2:
         return False
@@ -451,14 +477,14 @@ def plot(rows: list[dict], path: Path) -> bool:
                 (
                     r
                     for r in sel
-                    if r["g"] == g and r["layout"] == layout and r.get("speedup_vs_reference")
+                    if r["g"] == g and r["layout"] == layout and r.get(f"speedup_vs_{base}")
                 ),
                 key=lambda r: r["n"],
             )
             if cfg:
                 ax2.plot(
                     [r["n"] for r in cfg],
-                    [r["speedup_vs_reference"] for r in cfg],
+                    [r[f"speedup_vs_{base}"] for r in cfg],
                     "o" + style,
                     markersize=3,
                     label=f"G={g} {layout}",
@@ -468,8 +494,8 @@ def plot(rows: list[dict], path: Path) -> bool:
         xscale="log",
         yscale="log",
         xlabel="N (rows)",
-        ylabel="reference time / fused time",
-        title=f"speedup of fused over the pure-TF reference ({mode})",
+        ylabel=f"{base} time / fused time",
+        title=f"speedup of fused over the {base} ({mode}, per call)",
     )
     ax2.legend(fontsize=6, ncol=2)
     ax2.grid(True, which="both", alpha=0.3)
@@ -544,12 +570,25 @@ def parse_args(argv=None):
     )
     p.add_argument("--d", type=int, default=1, help="elements per row (default 1)")
     p.add_argument(
-        "--in-graph",
+        "--graph-n",
+        type=_ints,
+        help="N values also timed inside one tf.function (see --graph-iters), e.g. 2^10; "
+        "0 for none (default: 2^10 for --quick, 2^10..2^14 for --full)",
+    )
+    p.add_argument(
+        "--graph-iters",
         type=int,
-        default=0,
+        default=25,
         metavar="K",
-        help="time K iterations inside one tf.function (a tf.while_loop) and report time / K: "
-        "the cost inside a training step, without TF's per-call cost (default 0: per call)",
+        help="in-graph timing: a tf.while_loop of K iterations (default 25) ...",
+    )
+    p.add_argument(
+        "--graph-copies",
+        type=int,
+        default=16,
+        metavar="U",
+        help="... each computing on U copies of the inputs (default 16); the time per call / "
+        "(K * U) is the cost inside a training step, without TF's fixed cost per call",
     )
     p.add_argument("--reps", type=int, help="timed repetitions per configuration")
     p.add_argument("--min-time", type=float, help="keep repeating for at least this many s")
@@ -572,9 +611,10 @@ def parse_args(argv=None):
     p.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     prof = PROFILES[args.profile or "quick"]
-    for key in ("n", "g", "layout", "dtype", "reps", "min_time"):
+    for key in ("n", "g", "layout", "dtype", "reps", "min_time", "graph_n"):
         if getattr(args, key) is None:
             setattr(args, key, prof[key])
+    args.graph_n = [n for n in args.graph_n if n > 0]
     if args.device is None:
         args.device = ["cpu"] + (["gpu"] if tf.config.list_physical_devices("GPU") else [])
     return args
@@ -593,7 +633,8 @@ def run(args) -> dict:
     ]
     desc = machine()
     rows = []
-    bar = tqdm(total=len(configs) * len(args.mode), unit="cfg", file=sys.stderr, dynamic_ncols=True)
+    total = sum(len(args.mode) * (2 if c[3] in args.graph_n else 1) for c in configs)
+    bar = tqdm(total=total, unit="cfg", file=sys.stderr, dynamic_ncols=True)
     for dev, dt, lay, n, g in configs:
         y_true, y_pred, ids = make_inputs(n, g, lay, dt, args.d)
         with tf.device(dev.upper() + ":0"):
@@ -603,34 +644,41 @@ def run(args) -> dict:
                 tf.constant(ids),
             )
         del y_true, y_pred, ids
-        for mode in args.mode:
-            bar.set_description(f"{dev} {dt} {mode} {lay} N={_fmt_n(n)} G={g}")
+        timings = ["call"] + (["graph"] if n in args.graph_n else [])
+        for mode, timing in [(m, t) for m in args.mode for t in timings]:
+            bar.set_description(f"{dev} {dt} {mode} {lay} N={_fmt_n(n)} G={g} {timing}")
             impls = [i for i in args.impl if applicable(i, lay)]
+            iters = args.graph_iters if timing == "graph" else 0
+            per = args.graph_iters * args.graph_copies if timing == "graph" else 1
             with tf.device(dev.upper() + ":0"):
-                fns = {i: build_fn(i, mode, g, args.in_graph) for i in impls}
+                fns = {i: build_fn(i, mode, g, iters) for i in impls}
+                fn_args = graph_inputs(inputs, args.graph_copies) if iters else inputs
                 times, values = time_side_by_side(
-                    fns, inputs, dev, args.reps, args.min_time, args.max_time
+                    fns, fn_args, dev, args.reps, args.min_time, args.max_time
                 )
-            per = max(1, args.in_graph)
             times = {i: [x / per for x in t] for i, t in times.items()}
             med = {i: 1e3 * statistics.median(t) for i, t in times.items()}
             row = {
                 "device": dev,
                 "dtype": dt,
                 "mode": mode,
+                "timing": timing,
                 "layout": lay,
                 "n": n,
                 "g": g,
                 "d": args.d,
-                "in_graph": args.in_graph,
                 "median_ms": med,
                 "times_ms": {i: [1e3 * x for x in t] for i, t in times.items()},
-                "loss": {i: v for i, v in values.items() if i not in ("floor", "empty")},
             }
+            if timing == "graph":
+                row["graph"] = {"iterations": args.graph_iters, "copies": args.graph_copies}
+            else:
+                row["loss"] = {i: v for i, v in values.items() if i not in ("floor", "empty")}
             if "fused" in med and "reference" in med:
                 row["speedup_vs_reference"] = med["reference"] / med["fused"]
-                ref, got = values["reference"], values["fused"]
-                row["fused_matches_reference"] = abs(got - ref) <= 1e-4 * max(1.0, abs(ref))
+                if timing == "call":
+                    ref, got = values["reference"], values["fused"]
+                    row["fused_matches_reference"] = abs(got - ref) <= 1e-4 * max(1.0, abs(ref))
             if "fused" in med and "composite" in med:
                 row["speedup_vs_composite"] = med["composite"] / med["fused"]
             if "fused" in med and "floor" in med:
@@ -667,16 +715,12 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    tf.get_logger().setLevel("ERROR")  # one tf.function per configuration: no retrace warnings
     if args.memory_child:
         print(json.dumps(_memory_child(*json.loads(args.memory_child))))
         return 0
     result = run(args)
     print(table(result["rows"]))
-    if args.in_graph:
-        print(
-            f"(times are per iteration of a {args.in_graph}-iteration tf.while_loop inside one "
-            "tf.function: TF's cost per call is spread over the iterations)"
-        )
     for m in result.get("peak_memory", []):
         print(
             f"peak extra memory, one fwd+bwd call, {m['dtype']} N={_fmt_n(m['n'])} "

@@ -1,0 +1,45 @@
+"""The benchmark CLI (python -m grouped_mae_op.bench) on a tiny grid: it runs every
+implementation, times per call and in graph, agrees with the reference, and writes the
+table, the JSON and the plot. Speed itself is never asserted (see the README)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+
+def test_bench_cli_writes_table_json_and_plot(tmp_path):
+    cmd = [
+        sys.executable, "-m", "grouped_mae_op.bench",
+        "--n", "2^10,2^12", "--g", "10,5000", "--layout", "sorted,uniform",
+        "--graph-n", "2^10", "--graph-iters", "2", "--graph-copies", "2",
+        "--reps", "2", "--min-time", "0", "--no-memory", "--out", str(tmp_path),
+    ]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout
+    assert "vs comp" in out and "x floor" in out
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "results.png").stat().st_size > 10_000
+    rows = result["rows"]
+    # 2 N x 2 G x 2 layouts x 2 modes, and the N = 2^10 ones again in graph.
+    assert len(rows) == 16 + 8
+    assert sum(r["timing"] == "graph" for r in rows) == 8
+    for r in rows:
+        ms = r["median_ms"]
+        want = {"fused", "reference", "composite", "floor", "empty"}
+        if r["layout"] == "sorted":
+            want.add("segment_mean")
+        assert set(ms) == want, r
+        assert all(v > 0 for v in ms.values())
+        assert r["speedup_vs_composite"] == pytest.approx(ms["composite"] / ms["fused"])
+        if r["timing"] == "call":
+            assert r["fused_matches_reference"], r["loss"]
+            assert abs(r["loss"]["fused"] - r["loss"]["composite"]) < 1e-4
+    assert result["machine"]["tensorflow"]
+    assert result["machine"]["build_info"]["xla"] in (True, False)
