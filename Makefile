@@ -25,7 +25,7 @@ $(DEPS_STAMP): requirements.txt
 
 venv: $(DEPS_STAMP)
 
-# Headers that TF's pip wheel lacks but its XLA headers include (see DEVELOPERS.md).
+# Headers that TF's pip wheel lacks but its XLA headers include (csrc/tf/xla.cc needs them).
 system-deps:
 	@if [ ! -f /usr/include/farmhash.h ] || [ ! -d /usr/include/highwayhash ]; then \
 	  echo "Installing libhighwayhash-dev and libfarmhash-dev (XLA lowering headers)"; \

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -231,6 +232,20 @@ def time_side_by_side(
         _sync(device)
         values[name] = _first_value(out)
     times = {name: [] for name in fns}
+    # As timeit does: no garbage collection inside the timed calls (a full collection of
+    # TF's object graph takes milliseconds and would land in whichever call triggers it).
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        _time_round_robin(fns, args, device, reps, min_time, max_time, times)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return times, values
+
+
+def _time_round_robin(fns, args, device, reps, min_time, max_time, times) -> None:
     start = time.perf_counter()
     r = 0
     while True:
@@ -245,7 +260,6 @@ def time_side_by_side(
             _sync(device)
             times[name].append(time.perf_counter() - t0)
         r += 1
-    return times, values
 
 
 # ----------------------------------------------------------------------------------------------

@@ -184,7 +184,7 @@ def formula_stats(y_true, y_pred, group_ids, num_groups, sample_weight=None):
 
 
 def formula_loss(y_true, y_pred, group_ids, num_groups, sample_weight=None, group_weights=None):
-    """The grouped MAE in float64 from the definition (see DEVELOPERS.md / issue 2)."""
+    """The grouped MAE in float64 from the definition (the formula in the README)."""
     sums, weights = formula_stats(y_true, y_pred, group_ids, num_groups, sample_weight)
     v = np.ones(num_groups) if group_weights is None else as_float64(group_weights)
     present = weights != 0

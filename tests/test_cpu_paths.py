@@ -130,3 +130,23 @@ def test_sparse_path_repeated_calls_do_not_see_old_groups():
     assert float(tf.reduce_sum(a[1])) == 100 and float(tf.reduce_sum(b[1])) == 100
     np.testing.assert_array_equal(b[1].numpy()[:100], 0)
     np.testing.assert_array_equal(b[1].numpy()[100:200], 1)
+
+
+@pytest.mark.parametrize("kind, n, g", PROBLEMS)
+def test_a_nan_stays_in_its_own_group(kind, n, g):
+    # Each path resets its running sums between runs and groups: a NaN error must make its
+    # own group's S NaN and leave every other group exact.
+    rng = np.random.default_rng(3)
+    ids = make_ids(kind, n, g, rng)
+    y_true = rng.standard_normal(n).astype(np.float32)
+    y_pred = rng.standard_normal(n).astype(np.float32)
+    for row in (0, n // 2, n - 1):
+        yp = y_pred.copy()
+        yp[row] = np.nan
+        sums, weights = gm.grouped_mae_stats(y_true, yp, ids, g)
+        want_s, want_w = formula_stats(y_true, yp, ids, g)
+        bad = ids[row]
+        assert np.isnan(sums.numpy()[bad])
+        others = np.arange(g) != bad
+        np.testing.assert_allclose(sums.numpy()[others], want_s[others], rtol=1e-6, atol=0)
+        np.testing.assert_allclose(weights.numpy(), want_w, rtol=1e-6, atol=0)

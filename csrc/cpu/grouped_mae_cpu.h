@@ -185,6 +185,38 @@ inline void add_pair(double* p, double s, double w) {
   std::memcpy(p, &v, sizeof v);
 }
 
+// Short runs of one id (sorted ids, runs of a few rows): a running (S, W) per run, stored
+// and reset at each run's end without a branch (run lengths vary, so a branch would
+// mispredict once a run), the two halves of the block in step so that their add chains
+// overlap; then one update per run, the first half's runs first.
+template <typename Idx>
+inline void short_runs(const Idx* __restrict ids, const double* __restrict e,
+                       const double* __restrict wt, int64_t m, double* p0) {
+  typedef double Pair __attribute__((vector_size(16)));
+  typedef int64_t Bits __attribute__((vector_size(16)));
+  alignas(64) int64_t keep[kBlock];  // all ones inside a run, zero at its last row
+  alignas(64) Pair run[kBlock];
+  alignas(64) int64_t rid[kBlock];
+  const int64_t h = m / 2;  // the first half is rows [0, h), the second [h, m)
+  for (int64_t k = 0; k + 1 < m; ++k) keep[k] = ids[k + 1] == ids[k] ? -1 : 0;
+  keep[m - 1] = 0;
+  if (h > 0) keep[h - 1] = 0;
+  Pair acc_a = {0.0, 0.0}, acc_b = {0.0, 0.0};
+  int64_t ja = 0, jb = h;  // run slots: the first half's from 0, the second half's from h
+  auto step = [&](Pair& acc, int64_t& j, int64_t k) {
+    const Pair x = {e[k], wt != nullptr ? wt[k] : 1.0};
+    acc += x;
+    run[j] = acc, rid[j] = static_cast<int64_t>(ids[k]);
+    j += keep[k] == 0;
+    const Bits mask = {keep[k], keep[k]};
+    acc = reinterpret_cast<Pair>(reinterpret_cast<Bits>(acc) & mask);
+  };
+  for (int64_t k = 0; k < h; ++k) step(acc_a, ja, k), step(acc_b, jb, h + k);
+  if (m - h > h) step(acc_b, jb, m - 1);
+  for (int64_t q = 0; q < ja; ++q) add_pair(p0 + 2 * rid[q], run[q][0], run[q][1]);
+  for (int64_t q = h; q < jb; ++q) add_pair(p0 + 2 * rid[q], run[q][0], run[q][1]);
+}
+
 // Row errors of rows [i0, i0 + m) into e; with sample weights, e = w * err and wt = w.
 template <typename T, typename Idx>
 inline void row_errors(const Inputs<T, Idx>& in, int64_t i0, int64_t m, double* __restrict e,
@@ -285,16 +317,8 @@ RowError accumulate(const Inputs<T, Idx>& in, int64_t begin, int64_t end, double
         p0[2 * id + 1] += weighted ? sum4(wt + a, b - a) : static_cast<double>(b - a);
         a = b;
       }
-    } else if (changes * 4 <= m) {  // short runs: one pass, one update per run
-      double run_s = 0, run_w = 0;
-      for (int64_t k = 0; k < m; ++k) {
-        run_s += e[k];
-        run_w += weighted ? wt[k] : 1.0;
-        if (k + 1 == m || ids[k + 1] != ids[k]) {
-          add_pair(p0 + 2 * static_cast<int64_t>(ids[k]), run_s, run_w);
-          run_s = 0, run_w = 0;
-        }
-      }
+    } else if (changes * 4 <= m) {  // short runs: one update per run, no branch per run
+      short_runs(ids, e, weighted ? wt : nullptr, m, p0);
     } else if (copies == kCopies) {
       double *q0 = part[0], *q1 = part[1], *q2 = part[2], *q3 = part[3];
       int64_t k = 0;
