@@ -43,3 +43,25 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path):
             assert abs(r["loss"]["fused"] - r["loss"]["composite"]) < 1e-4
     assert result["machine"]["tensorflow"]
     assert result["machine"]["build_info"]["xla"] in (True, False)
+
+
+def test_quick_profile_times_the_forward_alone_only_where_it_is_cheap():
+    from grouped_mae_op import bench
+
+    quick = bench.parse_args([])
+    assert quick.n == [2**10, 2**20, 2**24] and quick.g == [10, 1000, 100_000]
+    assert bench._plan(quick, 2**10) == [
+        ("fwd", "call"),
+        ("fwd", "graph"),
+        ("fwdbwd", "call"),
+        ("fwdbwd", "graph"),
+    ]
+    assert bench._plan(quick, 2**24) == [("fwdbwd", "call")]
+    # A grid asked for explicitly is timed in every mode asked for.
+    assert bench._plan(bench.parse_args(["--n", "2^24"]), 2**24) == [
+        ("fwd", "call"),
+        ("fwdbwd", "call"),
+    ]
+    assert bench._plan(bench.parse_args(["--mode", "fwd"]), 2**24) == [("fwd", "call")]
+    full = bench.parse_args(["--full"])
+    assert all(("fwd", "call") in bench._plan(full, n) for n in full.n)
