@@ -25,7 +25,10 @@ from pathlib import Path
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with PyTorch
 
 
-def load_core(core_dir: str | None):
+def load_core(core_dir: str | None = None):
+    """The TF-free _core extension from core_dir, $GMAE_CORE_DIR or grouped_mae_op/, or None.
+    Loaded from its file, so that grouped_mae_op (which imports TensorFlow) is not imported.
+    tests/gpu/conftest.py loads the module through this function too."""
     root = Path(__file__).resolve().parents[1]
     candidates = [core_dir, os.environ.get("GMAE_CORE_DIR"), str(root / "grouped_mae_op")]
     for d in filter(None, candidates):
@@ -35,7 +38,7 @@ def load_core(core_dir: str | None):
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             return module
-    sys.exit("core module _core*.so not found: build it and pass --core-dir")
+    return None
 
 
 def cuda_time(torch, fn, reps: int) -> float:
@@ -184,6 +187,8 @@ def main() -> None:
     import torch
 
     core = load_core(args.core_dir)
+    if core is None:
+        sys.exit("core module _core*.so not found: build it and pass --core-dir")
     if not core.with_cuda or core.cuda_device_count() == 0:
         sys.exit("needs the CUDA core module and a GPU")
     jax = jnp = None

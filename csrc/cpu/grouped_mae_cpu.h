@@ -237,48 +237,26 @@ inline void row_errors(const Inputs<T, Idx>& in, int64_t i0, int64_t m, double* 
   }
 }
 
-// The sparse path: N rows, G much larger. Checks every row first, then clears and fills only
-// the entries of the groups that have rows; touched->groups lists them in order of first row.
-// Each group's rows are added in row order, as in a one-shard dense pass.
+// The sparse path: N rows, G much larger. Clears only the entries of the groups that have
+// rows (touched->groups lists them in order of first row), then accumulates and checks every
+// row with the per-row loop, which reports the first bad row. Ids >= G are left for that loop
+// to report, never written.
 template <typename T, typename Idx>
 RowError sparse_accumulate(const Inputs<T, Idx>& in, double* sw, Touched* touched) {
   const uint64_t g_max = static_cast<uint64_t>(in.g);
-  RowError err;
-  for (int64_t i = 0; i < in.n; ++i) {
-    const int64_t id = static_cast<int64_t>(in.ids[i]);
-    if (id < 0) continue;
-    if (static_cast<uint64_t>(id) >= g_max) {
-      err.kind = BadInput::kGroupId, err.index = i, err.value = static_cast<double>(id);
-      return err;
-    }
-    if (in.sample_weight != nullptr && !valid_weight(widen(in.sample_weight[i]))) {
-      err.kind = BadInput::kSampleWeight, err.index = i, err.value = widen(in.sample_weight[i]);
-      return err;
-    }
-  }
+  auto in_range = [&](int64_t id) { return id >= 0 && static_cast<uint64_t>(id) < g_max; };
   // W_g >= 0 for every real group, so -1 marks "cleared, not yet listed".
   for (int64_t i = 0; i < in.n; ++i) {
     const int64_t id = static_cast<int64_t>(in.ids[i]);
-    if (id >= 0) sw[2 * id] = 0.0, sw[2 * id + 1] = -1.0;
+    if (in_range(id)) sw[2 * id] = 0.0, sw[2 * id + 1] = -1.0;
   }
   touched->all = false;
   touched->groups.clear();
   for (int64_t i = 0; i < in.n; ++i) {
     const int64_t id = static_cast<int64_t>(in.ids[i]);
-    if (id >= 0 && sw[2 * id + 1] == -1.0) touched->groups.push_back(id), sw[2 * id + 1] = 0.0;
+    if (in_range(id) && sw[2 * id + 1] == -1.0) touched->groups.push_back(id), sw[2 * id + 1] = 0.0;
   }
-  for (int64_t i = 0; i < in.n; ++i) {
-    const int64_t id = static_cast<int64_t>(in.ids[i]);
-    if (id < 0) continue;
-    const double e = row_error<double>(in.y_true, in.y_pred, i, in.d);
-    if (in.sample_weight != nullptr) {
-      const double wi = widen(in.sample_weight[i]);
-      add_pair(sw + 2 * id, wi * e, wi);
-    } else {
-      add_pair(sw + 2 * id, e, 1.0);
-    }
-  }
-  return err;
+  return accumulate_rows(in, 0, in.n, sw);
 }
 
 }  // namespace detail

@@ -211,16 +211,24 @@ __device__ __forceinline__ void make_item(int64_t id, A wi, A e, int64_t g, int&
 }
 
 // Rows row0 .. row0+V-1 of the tile (those < n).
+// V consecutive rows' y_true, y_pred, ids and (when given) sample weights, with streaming
+// loads; row0 + V <= n. The forward and the backward (D == 1) read their rows through this.
+template <int V, typename T, typename Idx>
+__device__ __forceinline__ void load_row_block(const ForwardArgs<T, Idx>& a, int64_t row0,
+                                               T (&t)[V], T (&p)[V], Idx (&id)[V], T (&sw)[V]) {
+  load_streaming<V>(a.y_true + row0, t);
+  load_streaming<V>(a.y_pred + row0, p);
+  load_streaming<V>(a.ids + row0, id);
+  if (a.sample_weight) load_streaming<V>(a.sample_weight + row0, sw);
+}
+
 template <typename T, typename Idx, typename A, int V, bool kVec>
 __device__ __forceinline__ void load_rows(const ForwardArgs<T, Idx>& a, int64_t row0, int (&key)[V],
                                           A (&s)[V], A (&w)[V], int& bad) {
   if (kVec && row0 + V <= a.n) {
     T t[V], p[V], sw[V];
     Idx id[V];
-    load_streaming<V>(a.y_true + row0, t);
-    load_streaming<V>(a.y_pred + row0, p);
-    load_streaming<V>(a.ids + row0, id);
-    if (a.sample_weight) load_streaming<V>(a.sample_weight + row0, sw);
+    load_row_block<V>(a, row0, t, p, id, sw);
 #pragma unroll
     for (int r = 0; r < V; ++r) {
       const A wi = a.sample_weight ? static_cast<A>(widen(sw[r])) : A(1);
@@ -586,10 +594,7 @@ __global__ void __launch_bounds__(kThreads)
     if (kVec && e0 + V <= total) {  // D == 1: element index == row index
       T t[V], p[V], sw[V], out[V];
       Idx id[V];
-      load_streaming<V>(a.y_true + e0, t);
-      load_streaming<V>(a.y_pred + e0, p);
-      load_streaming<V>(a.ids + e0, id);
-      if (a.sample_weight) load_streaming<V>(a.sample_weight + e0, sw);
+      load_row_block<V>(a, e0, t, p, id, sw);
 #pragma unroll
       for (int r = 0; r < V; ++r) {
         out[r] = static_cast<T>(grad_value(a, scale, up, inv_d, static_cast<int64_t>(id[r]), t[r],

@@ -8,7 +8,6 @@ when the module was built without CUDA, when neither CuPy nor PyTorch is install
 GPU is visible.
 """
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -18,19 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def load_core():
-    """The _core extension from GMAE_CORE_DIR or grouped_mae_op/, or None."""
-    dirs = [os.environ.get("GMAE_CORE_DIR"), str(ROOT / "grouped_mae_op")]
-    for d in filter(None, dirs):
-        found = sorted(Path(d).glob("_core*.so"))
-        if found:
-            spec = importlib.util.spec_from_file_location("_core", found[-1])
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module
-    return None
+sys.path.insert(0, str(ROOT / "scripts"))
+from gpu_bench import load_core  # noqa: E402  (the one loader of the TF-free core module)
 
 
 class TorchArrays:
