@@ -34,7 +34,7 @@ static void run_threads(int64_t n, const std::function<void(int64_t)>& fn) {
 template <typename F>
 static double median_ms(F&& f, int reps) {
   // KB_CPU=1: process CPU time instead of wall time (less sensitive to a busy machine when
-  // threads = 1). KB_MIN=1: the minimum instead of the median.
+  // threads = 1). KB_MIN=1: the minimum instead of the median. KB_REPS=k: k repetitions.
   const bool cpu = getenv("KB_CPU") != nullptr;
   auto now = [cpu] {
     timespec ts;
@@ -54,7 +54,7 @@ static double median_ms(F&& f, int reps) {
 int main(int argc, char** argv) {
   const int64_t n = argc > 1 ? atoll(argv[1]) : (1 << 24);
   const int64_t threads = argc > 2 ? atoll(argv[2]) : 2;
-  const int reps = n >= (1 << 22) ? 9 : 51;
+  const int reps = getenv("KB_REPS") ? atoi(getenv("KB_REPS")) : (n >= (1 << 22) ? 9 : 51);
   std::vector<float> t(n), p(n), out(n);
   std::vector<int32_t> ids(n);
   std::mt19937_64 rng(1);

@@ -1,6 +1,7 @@
 """Each path of the CPU forward (csrc/cpu/grouped_mae_cpu.h) against the float64 formula:
-the sparse path (few rows, many groups), long and short runs of one id (sorted ids), the
-scatter with per-copy partials (G <= 256) and without, and blocks with ignored rows.
+the sparse path (few rows, many groups), blocks of one id, long and short runs of one id
+(sorted ids), the scatter with per-copy partials (G <= 256) and without, and blocks with
+ignored rows; int32 and int64 ids.
 Loss, per-group statistics and the gradient, with and without weights, D = 1 and D = 3."""
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ KERNEL = tf.errors.InvalidArgumentError
 def make_ids(kind: str, n: int, g: int, rng) -> np.ndarray:
     if kind in ("sparse", "scatter"):
         ids = rng.integers(0, g, n)
-    elif kind in ("short_runs", "long_runs", "mixed_runs"):
-        lo, hi = {"short_runs": (2, 12), "long_runs": (40, 400), "mixed_runs": (1, 300)}[kind]
+    elif kind in ("one_id", "short_runs", "long_runs", "mixed_runs"):
+        lo, hi = {
+            "one_id": (600, 1500),  # most 256-row blocks hold one id
+            "short_runs": (2, 12),
+            "long_runs": (40, 400),
+            "mixed_runs": (1, 300),
+        }[kind]
         lengths = rng.integers(lo, hi, n)
         ids = np.repeat(np.sort(rng.choice(g, size=n, replace=True)), lengths)[:n]
     else:
@@ -33,6 +39,7 @@ def make_ids(kind: str, n: int, g: int, rng) -> np.ndarray:
 PROBLEMS = [
     ("sparse", 700, 5000),
     ("sparse", 1024, 100_000),
+    ("one_id", 5000, 20),
     ("short_runs", 3000, 4000),
     ("long_runs", 3000, 200),
     ("mixed_runs", 3000, 2000),
@@ -132,21 +139,42 @@ def test_sparse_path_repeated_calls_do_not_see_old_groups():
     np.testing.assert_array_equal(b[1].numpy()[100:200], 1)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("kind, n, g", PROBLEMS)
-def test_a_nan_stays_in_its_own_group(kind, n, g):
-    # Each path resets its running sums between runs and groups: a NaN error must make its
-    # own group's S NaN and leave every other group exact.
+def test_int64_ids(kind, n, g, weighted):
+    # int64 ids take their own id comparisons (two per SSE2 instruction in run_ends).
+    rng = np.random.default_rng(11)
+    ids = make_ids(kind, n, g, rng).astype(np.int64)
+    # Ignored rows in the first block only: a block with one takes the per-row loop.
+    ids[:64][rng.random(64) < 0.1] = -1
+    y_true = rng.standard_normal(n).astype(np.float32)
+    y_pred = rng.standard_normal(n).astype(np.float32)
+    sw = rng.random(n).astype(np.float32) if weighted else None
+    sums, weights = gm.grouped_mae_stats(y_true, y_pred, ids, g, sample_weight=sw)
+    want_s, want_w = formula_stats(y_true, y_pred, ids, g, sw)
+    np.testing.assert_allclose(sums.numpy(), want_s, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(weights.numpy(), want_w, rtol=1e-6, atol=0)
+    loss = gm.grouped_mae(y_true, y_pred, ids, np.int64(g), sample_weight=sw)
+    np.testing.assert_allclose(float(loss), formula_loss(y_true, y_pred, ids, g, sw), rtol=1e-6)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("kind, n, g", PROBLEMS)
+def test_a_nan_stays_in_its_own_group(kind, n, g, value):
+    # Each path keeps groups apart (running sums are reset between runs; the prefix sums of
+    # short runs are not used when a block's sum is not finite): a NaN or Inf error must
+    # make its own group's S NaN or Inf and leave every other group exact.
     rng = np.random.default_rng(3)
     ids = make_ids(kind, n, g, rng)
     y_true = rng.standard_normal(n).astype(np.float32)
     y_pred = rng.standard_normal(n).astype(np.float32)
     for row in (0, n // 2, n - 1):
         yp = y_pred.copy()
-        yp[row] = np.nan
+        yp[row] = value
         sums, weights = gm.grouped_mae_stats(y_true, yp, ids, g)
         want_s, want_w = formula_stats(y_true, yp, ids, g)
         bad = ids[row]
-        assert np.isnan(sums.numpy()[bad])
+        assert np.isnan(sums.numpy()[bad]) if np.isnan(value) else sums.numpy()[bad] == np.inf
         others = np.arange(g) != bad
         np.testing.assert_allclose(sums.numpy()[others], want_s[others], rtol=1e-6, atol=0)
         np.testing.assert_allclose(weights.numpy(), want_w, rtol=1e-6, atol=0)

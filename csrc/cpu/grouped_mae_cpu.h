@@ -8,19 +8,22 @@
 // Validation (ids < G, weights >= 0) happens in the same pass; the first bad row (lowest
 // index) is reported.
 //
-// Within a shard, rows go in blocks of kBlock. A block's ids (and weights) are range-checked
-// in one vectorisable sweep; a block with a negative or bad id, or a bad weight, takes the
-// plain per-row loop, which skips ignored rows and finds the first bad row. A clean block
-// stages its row errors in a small buffer (vectorisable for D == 1) and adds them with the
-// cheapest update for its id pattern:
-//   - one id for the whole block (sorted ids, long runs): one sum, one update;
-//   - few id changes (sorted ids, runs of 32 rows or more): one update per run, each run
-//     summed with four running sums;
-//   - more changes (runs of 4 to 32 rows): one pass with a running sum, one update per run;
-//   - otherwise (unsorted ids): a scatter, row k of a block into copy k % kCopies of the
-//     partials when G is small, so that repeated ids do not wait on each other's
-//     read-modify-write through memory, and into a single copy when G is large (repeats are
-//     rare there, and copies would multiply memory).
+// Within a shard, rows go in blocks of kBlock, each added with the cheapest update for its
+// id pattern:
+//   - one id for the whole block and D == 1 (sorted ids, runs of 256 rows or more): its ids
+//     are checked and its rows summed straight from the inputs, one update (`span_sums`);
+//   - otherwise the ids (and weights) are range-checked in one vectorisable sweep; a block
+//     with a negative or bad id, or a bad weight, takes the plain per-row loop, which skips
+//     ignored rows and finds the first bad row. A clean block's run ends are found as a
+//     bit mask (`run_ends`), and then:
+//   - few runs (sorted ids, runs of 32 rows or more, D == 1): each run summed straight from
+//     the inputs, one update per run;
+//   - runs of 4 rows or more on average: the row errors staged in a small buffer, one
+//     update per run from prefix sums (`runs`);
+//   - otherwise (unsorted ids): the staged row errors scattered, row k of a block into copy
+//     k % kCopies of the partials when G is small, so that repeated ids do not wait on each
+//     other's read-modify-write through memory, and into a single copy when G is large
+//     (repeats are rare there, and copies would multiply memory).
 // Every update adds (S, W) to a group in one 16-byte read-modify-write (`add_pair`).
 //
 // Sparse path: with few rows and many groups (N <= G / 4, G >= 4096), clearing, merging and
@@ -41,10 +44,16 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "core/grouped_mae.h"
 
@@ -157,12 +166,41 @@ inline bool weights_valid(const T* __restrict sw, int64_t m) {
   return bad == 0;
 }
 
-// Number of k in [1, m) with ids[k] != ids[k-1].
+// Marks the rows that end a run of one id: bit k % 64 of ends[k / 64] is set when
+// ids[k + 1] != ids[k], and for the last row m - 1 (m <= kBlock). Returns the number of runs.
+// With SSE2, four (or two) ids are compared per instruction and their mask taken at once.
 template <typename Idx>
-inline int64_t id_changes(const Idx* __restrict ids, int64_t m) {
-  int64_t c = 0;
-  for (int64_t k = 1; k < m; ++k) c += ids[k] != ids[k - 1];
-  return c;
+inline int64_t run_ends(const Idx* __restrict ids, int64_t m, uint64_t* ends) {
+  int64_t runs = 0;
+  for (int64_t word = 0; word < kBlock / 64; ++word) {
+    const int64_t base = 64 * word;
+    const int64_t stop = std::min(base + 64, m - 1);  // rows k < stop have a next row
+    uint64_t bits = 0;
+    int64_t k = base;
+#if defined(__SSE2__)
+    if constexpr (sizeof(Idx) == 4 || sizeof(Idx) == 8) {
+      constexpr int64_t kLanes = 16 / sizeof(Idx);
+      for (; k + kLanes <= stop; k += kLanes) {
+        const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ids + k));
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ids + k + 1));
+        __m128i eq = _mm_cmpeq_epi32(a, b);
+        uint64_t same;
+        if constexpr (sizeof(Idx) == 4) {
+          same = static_cast<uint64_t>(_mm_movemask_ps(_mm_castsi128_ps(eq)));
+        } else {  // a 64-bit lane is equal when both of its 32-bit halves are
+          eq = _mm_and_si128(eq, _mm_shuffle_epi32(eq, _MM_SHUFFLE(2, 3, 0, 1)));
+          same = static_cast<uint64_t>(_mm_movemask_pd(_mm_castsi128_pd(eq)));
+        }
+        bits |= (same ^ ((uint64_t(1) << kLanes) - 1)) << (k - base);
+      }
+    }
+#endif
+    for (; k < stop; ++k) bits |= static_cast<uint64_t>(ids[k + 1] != ids[k]) << (k - base);
+    if (base <= m - 1 && m - 1 < base + 64) bits |= uint64_t(1) << (m - 1 - base);
+    ends[word] = bits;
+    runs += __builtin_popcountll(bits);
+  }
+  return runs;
 }
 
 // Sum in a fixed order with four running sums (breaks the add-latency chain).
@@ -172,6 +210,24 @@ inline double sum4(const double* __restrict x, int64_t m) {
   for (; k + 4 <= m; k += 4) a0 += x[k], a1 += x[k + 1], a2 += x[k + 2], a3 += x[k + 3];
   for (; k < m; ++k) a0 += x[k];
   return (a0 + a1) + (a2 + a3);
+}
+
+// True when ids[0..m) all equal ids[0]: chunks of 16 OR-reduced (vectorised), stopping at
+// the first chunk that differs, so unsorted ids cost one chunk.
+template <typename Idx>
+inline bool one_id(const Idx* __restrict ids, int64_t m) {
+  using U = std::make_unsigned_t<Idx>;
+  const U first = static_cast<U>(ids[0]);
+  int64_t k = 0;
+  for (; k + 16 <= m; k += 16) {
+    U diff = 0;
+    for (int64_t j = 0; j < 16; ++j) diff |= static_cast<U>(ids[k + j]) ^ first;
+    if (diff != 0) return false;
+  }
+  for (; k < m; ++k) {
+    if (static_cast<U>(ids[k]) != first) return false;
+  }
+  return true;
 }
 
 // p[0] += s and p[1] += w in one 16-byte read-modify-write (the same two float64 additions,
@@ -185,36 +241,99 @@ inline void add_pair(double* p, double s, double w) {
   std::memcpy(p, &v, sizeof v);
 }
 
-// Short runs of one id (sorted ids, runs of a few rows): a running (S, W) per run, stored
-// and reset at each run's end without a branch (run lengths vary, so a branch would
-// mispredict once a run), the two halves of the block in step so that their add chains
-// overlap; then one update per run, the first half's runs first.
-template <typename Idx>
-inline void short_runs(const Idx* __restrict ids, const double* __restrict e,
-                       const double* __restrict wt, int64_t m, double* p0) {
-  typedef double Pair __attribute__((vector_size(16)));
-  typedef int64_t Bits __attribute__((vector_size(16)));
-  alignas(64) int64_t keep[kBlock];  // all ones inside a run, zero at its last row
-  alignas(64) Pair run[kBlock];
-  alignas(64) int64_t rid[kBlock];
-  const int64_t h = m / 2;  // the first half is rows [0, h), the second [h, m)
-  for (int64_t k = 0; k + 1 < m; ++k) keep[k] = ids[k + 1] == ids[k] ? -1 : 0;
-  keep[m - 1] = 0;
-  if (h > 0) keep[h - 1] = 0;
-  Pair acc_a = {0.0, 0.0}, acc_b = {0.0, 0.0};
-  int64_t ja = 0, jb = h;  // run slots: the first half's from 0, the second half's from h
-  auto step = [&](Pair& acc, int64_t& j, int64_t k) {
-    const Pair x = {e[k], wt != nullptr ? wt[k] : 1.0};
-    acc += x;
-    run[j] = acc, rid[j] = static_cast<int64_t>(ids[k]);
-    j += keep[k] == 0;
-    const Bits mask = {keep[k], keep[k]};
-    acc = reinterpret_cast<Pair>(reinterpret_cast<Bits>(acc) & mask);
+// S and W of rows [0, m) of one group, D == 1, read straight from the inputs (no staging):
+// the row errors of `row_error`, times the weights when kWeighted (already checked), row k
+// into running sum k % 8 (a fixed order that the compiler vectorises), then a fixed tree.
+template <bool kWeighted, typename T>
+inline void span_sums(const T* __restrict t, const T* __restrict p, const T* __restrict w,
+                      int64_t m, double* s, double* ws) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, wacc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 8 <= m; k += 8) {
+    double x[8];
+    for (int64_t j = 0; j < 8; ++j) {
+      x[j] = static_cast<double>(std::fabs(widen(p[k + j]) - widen(t[k + j])));
+    }
+    if constexpr (kWeighted) {
+      double wv[8];
+      for (int64_t j = 0; j < 8; ++j) wv[j] = static_cast<double>(widen(w[k + j]));
+      for (int64_t j = 0; j < 8; ++j) acc[j] += x[j] * wv[j], wacc[j] += wv[j];
+    } else {
+      for (int64_t j = 0; j < 8; ++j) acc[j] += x[j];
+    }
+  }
+  double tail = 0, wtail = 0;
+  for (; k < m; ++k) {
+    const double x = static_cast<double>(std::fabs(widen(p[k]) - widen(t[k])));
+    if constexpr (kWeighted) {
+      const double wk = static_cast<double>(widen(w[k]));
+      tail += x * wk, wtail += wk;
+    } else {
+      tail += x;
+    }
+  }
+  auto tree = [](const double* a) {
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
   };
-  for (int64_t k = 0; k < h; ++k) step(acc_a, ja, k), step(acc_b, jb, h + k);
-  if (m - h > h) step(acc_b, jb, m - 1);
-  for (int64_t q = 0; q < ja; ++q) add_pair(p0 + 2 * rid[q], run[q][0], run[q][1]);
-  for (int64_t q = h; q < jb; ++q) add_pair(p0 + 2 * rid[q], run[q][0], run[q][1]);
+  *s = tree(acc) + tail;
+  *ws = kWeighted ? tree(wacc) + wtail : static_cast<double>(m);
+}
+
+// span_sums of rows [a, b) of the inputs, added to group `id`.
+template <typename T, typename Idx>
+inline void add_span(const Inputs<T, Idx>& in, int64_t a, int64_t b, int64_t id, double* p0) {
+  double s, w;
+  if (in.sample_weight != nullptr) {
+    span_sums<true>(in.y_true + a, in.y_pred + a, in.sample_weight + a, b - a, &s, &w);
+  } else {
+    span_sums<false>(in.y_true + a, in.y_pred + a, static_cast<const T*>(nullptr), b - a, &s, &w);
+  }
+  add_pair(p0 + 2 * id, s, w);
+}
+
+// Runs of one id (sorted ids), given their ends (run_ends): one update per run, from prefix
+// sums. The block is cut into four quarters; each quarter's row errors (and weights) get a
+// running sum, the four chains in step so that their additions overlap. A run's (S, W) is
+// the prefix at its last row minus the prefix before its first row (zero at a quarter's
+// start), so a run that crosses a quarter's end gets two updates. A difference is exact to
+// a few ulps of a quarter's sum (64 rows). A running sum would carry an Inf or NaN into the
+// groups after it, so a block whose sum is not finite returns false, having written
+// nothing, and is scattered row by row instead. Needs m >= 4.
+template <typename Idx>
+inline bool runs(const Idx* __restrict ids, const uint64_t* ends_in, const double* __restrict e,
+                 const double* __restrict wt, int64_t m, double* p0) {
+  alignas(64) double ps[kBlock];
+  alignas(64) double pw[kBlock];
+  const int64_t q = m / 4;  // quarters start at 0, q, 2q, 3q; the last takes the rest
+  double s[4] = {0, 0, 0, 0}, w[4] = {0, 0, 0, 0};
+  for (int64_t k = 0; k < q; ++k) {
+    for (int64_t c = 0; c < 4; ++c) s[c] += e[c * q + k], ps[c * q + k] = s[c];
+  }
+  for (int64_t i = 4 * q; i < m; ++i) s[3] += e[i], ps[i] = s[3];
+  if (!std::isfinite((s[0] + s[1]) + (s[2] + s[3]))) return false;  // e >= 0: all finite
+  if (wt != nullptr) {
+    for (int64_t k = 0; k < q; ++k) {
+      for (int64_t c = 0; c < 4; ++c) w[c] += wt[c * q + k], pw[c * q + k] = w[c];
+    }
+    for (int64_t i = 4 * q; i < m; ++i) w[3] += wt[i], pw[i] = w[3];
+    if (!std::isfinite((w[0] + w[1]) + (w[2] + w[3]))) return false;
+  }
+  uint64_t ends[kBlock / 64];
+  std::memcpy(ends, ends_in, sizeof ends);
+  for (int64_t c = 1; c < 4; ++c) ends[(c * q - 1) / 64] |= uint64_t(1) << ((c * q - 1) % 64);
+  int64_t start = 0;
+  for (int64_t word = 0; word < kBlock / 64; ++word) {
+    for (uint64_t bits = ends[word]; bits != 0; bits &= bits - 1) {
+      const int64_t k = 64 * word + __builtin_ctzll(bits);
+      const bool fresh = start == 0 || start == q || start == 2 * q || start == 3 * q;
+      const double s_before = fresh ? 0.0 : ps[start - 1];
+      const double run_w = wt != nullptr ? pw[k] - (fresh ? 0.0 : pw[start - 1])
+                                         : static_cast<double>(k + 1 - start);
+      add_pair(p0 + 2 * static_cast<int64_t>(ids[k]), ps[k] - s_before, run_w);
+      start = k + 1;
+    }
+  }
+  return true;
 }
 
 // Row errors of rows [i0, i0 + m) into e; with sample weights, e = w * err and wt = w.
@@ -275,28 +394,39 @@ RowError accumulate(const Inputs<T, Idx>& in, int64_t begin, int64_t end, double
   for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
     const int64_t m = std::min(kBlock, end - i0);
     const Idx* __restrict ids = in.ids + i0;
+    // A block whose first and last ids agree may hold one id (always so for sorted ids):
+    // then one pass over its rows, no staging (the common case for sorted ids).
+    if (in.d == 1 && ids[0] == ids[m - 1] &&
+        static_cast<uint64_t>(ids[0]) < static_cast<uint64_t>(in.g) && one_id(ids, m) &&
+        (!weighted || weights_valid(in.sample_weight + i0, m))) {
+      add_span(in, i0, i0 + m, static_cast<int64_t>(ids[0]), p0);
+      continue;
+    }
     if (!ids_in_range(ids, m, in.g) || (weighted && !weights_valid(in.sample_weight + i0, m))) {
       RowError err = accumulate_rows(in, i0, i0 + m, p0);
       if (err.kind != BadInput::kNone) return err;
       continue;
     }
+    uint64_t ends[kBlock / 64];
+    const int64_t nruns = run_ends(ids, m, ends);
+    if (in.d == 1 && nruns * 32 <= m) {  // long runs of one id: each summed straight
+      int64_t a = 0;
+      for (int64_t word = 0; word < kBlock / 64; ++word) {
+        for (uint64_t bits = ends[word]; bits != 0; bits &= bits - 1) {
+          const int64_t k = 64 * word + __builtin_ctzll(bits);
+          add_span(in, i0 + a, i0 + k + 1, static_cast<int64_t>(ids[k]), p0);
+          a = k + 1;
+        }
+      }
+      continue;
+    }
     row_errors(in, i0, m, e, wt);
-    const int64_t changes = id_changes(ids, m);
-    if (changes == 0) {  // one id for the whole block
+    if (nruns == 1) {  // one id for the whole block, D > 1
       const int64_t id = static_cast<int64_t>(ids[0]);
       p0[2 * id] += sum4(e, m);
       p0[2 * id + 1] += weighted ? sum4(wt, m) : static_cast<double>(m);
-    } else if (changes * 32 <= m) {  // long runs of one id: one update per run
-      for (int64_t a = 0; a < m;) {
-        const int64_t id = static_cast<int64_t>(ids[a]);
-        int64_t b = a + 1;
-        while (b < m && ids[b] == ids[a]) ++b;
-        p0[2 * id] += sum4(e + a, b - a);
-        p0[2 * id + 1] += weighted ? sum4(wt + a, b - a) : static_cast<double>(b - a);
-        a = b;
-      }
-    } else if (changes * 4 <= m) {  // short runs: one update per run, no branch per run
-      short_runs(ids, e, weighted ? wt : nullptr, m, p0);
+    } else if (nruns * 4 <= m && runs(ids, ends, e, weighted ? wt : nullptr, m, p0)) {
+      // short runs of one id (sorted ids): one update per run
     } else if (copies == kCopies) {
       double *q0 = part[0], *q1 = part[1], *q2 = part[2], *q3 = part[3];
       int64_t k = 0;
@@ -452,8 +582,9 @@ RowError backward_rows(const Inputs<T, Idx>& in, const Out* scale, Out upstream,
 
 // Backward over rows [begin, end): out = upstream * scale[g] * w_i / D * sign(pred - true).
 // Rows with a negative id get 0. Returns the first row with an id >= g.
-// Blocks whose ids are all in range run a branch-free loop (vectorisable for D == 1); the
-// others, the per-row loop. Both compute each element with the same expression.
+// Blocks whose ids are all in range run a branch-free loop (vectorisable for D == 1), with
+// no gather of scales when the block has one id; the others, the per-row loop. Both compute
+// each element with the same expression.
 template <typename T, typename Idx, typename Out>
 RowError backward(const Inputs<T, Idx>& in, const Out* scale, Out upstream, int64_t begin,
                   int64_t end, T* out) {
@@ -463,16 +594,24 @@ RowError backward(const Inputs<T, Idx>& in, const Out* scale, Out upstream, int6
   for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
     const int64_t m = std::min(kBlock, end - i0);
     const Idx* __restrict ids = in.ids + i0;
-    if (!ids_in_range(ids, m, in.g)) {
+    // One id for the whole block (sorted ids): one range check and no gather below.
+    const bool one = ids[0] == ids[m - 1] &&
+                     static_cast<uint64_t>(ids[0]) < static_cast<uint64_t>(in.g) && one_id(ids, m);
+    if (!one && !ids_in_range(ids, m, in.g)) {
       RowError err = backward_rows(in, scale, upstream, i0, i0 + m, out);
       if (err.kind != BadInput::kNone) return err;
       continue;
     }
     const T* __restrict sw = weighted ? in.sample_weight + i0 : nullptr;
     if (in.d == 1) {
-      // The gather of scales first, then a loop the compiler vectorises.
+      // The gather of scales first (none for a one-id block), then a loop the compiler
+      // vectorises.
       alignas(64) Out f[kBlock];
-      for (int64_t k = 0; k < m; ++k) f[k] = scale[ids[k]];
+      if (one) {
+        std::fill(f, f + m, scale[ids[0]]);
+      } else {
+        for (int64_t k = 0; k < m; ++k) f[k] = scale[ids[k]];
+      }
       const T* __restrict t = in.y_true + i0;
       const T* __restrict p = in.y_pred + i0;
       T* __restrict o = out + i0;
