@@ -218,8 +218,7 @@ def _sync(device: str) -> None:
 def _first_value(out) -> float:
     while isinstance(out, (tuple, list)):
         out = out[0]
-    first = out
-    return float(np.ravel(first.numpy())[0])
+    return float(np.ravel(out.numpy())[0])
 
 
 def time_side_by_side(

@@ -212,12 +212,16 @@ inline double sum4(const double* __restrict x, int64_t m) {
   return (a0 + a1) + (a2 + a3);
 }
 
-// True when ids[0..m) all equal ids[0]: chunks of 16 OR-reduced (vectorised), stopping at
-// the first chunk that differs, so unsorted ids cost one chunk.
+// True when ids[0..m) all equal ids[0] and it is in [0, g): a block of one group. Cheap
+// rejects first (first and last ids differ: always so for sorted ids with a run end inside),
+// then chunks of 16 OR-reduced (vectorised), stopping at the first chunk that differs.
 template <typename Idx>
-inline bool one_id(const Idx* __restrict ids, int64_t m) {
+inline bool one_valid_id(const Idx* __restrict ids, int64_t m, int64_t g) {
   using U = std::make_unsigned_t<Idx>;
   const U first = static_cast<U>(ids[0]);
+  if (ids[m - 1] != ids[0] || static_cast<uint64_t>(ids[0]) >= static_cast<uint64_t>(g)) {
+    return false;
+  }
   int64_t k = 0;
   for (; k + 16 <= m; k += 16) {
     U diff = 0;
@@ -228,6 +232,16 @@ inline bool one_id(const Idx* __restrict ids, int64_t m) {
     if (static_cast<U>(ids[k]) != first) return false;
   }
   return true;
+}
+
+// Calls fn(k) for each row k marked in ends (the output of run_ends), in increasing order.
+template <typename Fn>
+inline void for_each_run_end(const uint64_t* ends, Fn&& fn) {
+  for (int64_t word = 0; word < kBlock / 64; ++word) {
+    for (uint64_t bits = ends[word]; bits != 0; bits &= bits - 1) {
+      fn(64 * word + __builtin_ctzll(bits));
+    }
+  }
 }
 
 // p[0] += s and p[1] += w in one 16-byte read-modify-write (the same two float64 additions,
@@ -322,17 +336,14 @@ inline bool runs(const Idx* __restrict ids, const uint64_t* ends_in, const doubl
   std::memcpy(ends, ends_in, sizeof ends);
   for (int64_t c = 1; c < 4; ++c) ends[(c * q - 1) / 64] |= uint64_t(1) << ((c * q - 1) % 64);
   int64_t start = 0;
-  for (int64_t word = 0; word < kBlock / 64; ++word) {
-    for (uint64_t bits = ends[word]; bits != 0; bits &= bits - 1) {
-      const int64_t k = 64 * word + __builtin_ctzll(bits);
-      const bool fresh = start == 0 || start == q || start == 2 * q || start == 3 * q;
-      const double s_before = fresh ? 0.0 : ps[start - 1];
-      const double run_w = wt != nullptr ? pw[k] - (fresh ? 0.0 : pw[start - 1])
-                                         : static_cast<double>(k + 1 - start);
-      add_pair(p0 + 2 * static_cast<int64_t>(ids[k]), ps[k] - s_before, run_w);
-      start = k + 1;
-    }
-  }
+  for_each_run_end(ends, [&](int64_t k) {
+    const bool fresh = start == 0 || start == q || start == 2 * q || start == 3 * q;
+    const double s_before = fresh ? 0.0 : ps[start - 1];
+    const double run_w =
+        wt != nullptr ? pw[k] - (fresh ? 0.0 : pw[start - 1]) : static_cast<double>(k + 1 - start);
+    add_pair(p0 + 2 * static_cast<int64_t>(ids[k]), ps[k] - s_before, run_w);
+    start = k + 1;
+  });
   return true;
 }
 
@@ -394,10 +405,9 @@ RowError accumulate(const Inputs<T, Idx>& in, int64_t begin, int64_t end, double
   for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
     const int64_t m = std::min(kBlock, end - i0);
     const Idx* __restrict ids = in.ids + i0;
-    // A block whose first and last ids agree may hold one id (always so for sorted ids):
-    // then one pass over its rows, no staging (the common case for sorted ids).
-    if (in.d == 1 && ids[0] == ids[m - 1] &&
-        static_cast<uint64_t>(ids[0]) < static_cast<uint64_t>(in.g) && one_id(ids, m) &&
+    // A block of one group (the common case for sorted ids): one pass over its rows, no
+    // staging.
+    if (in.d == 1 && one_valid_id(ids, m, in.g) &&
         (!weighted || weights_valid(in.sample_weight + i0, m))) {
       add_span(in, i0, i0 + m, static_cast<int64_t>(ids[0]), p0);
       continue;
@@ -411,13 +421,10 @@ RowError accumulate(const Inputs<T, Idx>& in, int64_t begin, int64_t end, double
     const int64_t nruns = run_ends(ids, m, ends);
     if (in.d == 1 && nruns * 32 <= m) {  // long runs of one id: each summed straight
       int64_t a = 0;
-      for (int64_t word = 0; word < kBlock / 64; ++word) {
-        for (uint64_t bits = ends[word]; bits != 0; bits &= bits - 1) {
-          const int64_t k = 64 * word + __builtin_ctzll(bits);
-          add_span(in, i0 + a, i0 + k + 1, static_cast<int64_t>(ids[k]), p0);
-          a = k + 1;
-        }
-      }
+      for_each_run_end(ends, [&](int64_t k) {
+        add_span(in, i0 + a, i0 + k + 1, static_cast<int64_t>(ids[k]), p0);
+        a = k + 1;
+      });
       continue;
     }
     row_errors(in, i0, m, e, wt);
@@ -595,8 +602,7 @@ RowError backward(const Inputs<T, Idx>& in, const Out* scale, Out upstream, int6
     const int64_t m = std::min(kBlock, end - i0);
     const Idx* __restrict ids = in.ids + i0;
     // One id for the whole block (sorted ids): one range check and no gather below.
-    const bool one = ids[0] == ids[m - 1] &&
-                     static_cast<uint64_t>(ids[0]) < static_cast<uint64_t>(in.g) && one_id(ids, m);
+    const bool one = one_valid_id(ids, m, in.g);
     if (!one && !ids_in_range(ids, m, in.g)) {
       RowError err = backward_rows(in, scale, upstream, i0, i0 + m, out);
       if (err.kind != BadInput::kNone) return err;
