@@ -334,7 +334,7 @@ def peak_memory(impl, n, g, layout, dtype, d, device) -> dict | None:
 # Environment variables that change what is measured.
 _ENV_VARS = (
     "TF_CPU_ALLOCATOR_USE_BFC",
-    "GMAE_CPU_REUSE_GRAD",
+    "GMAE_CPU_REUSE_BUFFERS",
     "TF_NUM_INTRAOP_THREADS",
     "TF_NUM_INTEROP_THREADS",
     "OMP_NUM_THREADS",

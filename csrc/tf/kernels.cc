@@ -140,6 +140,77 @@ int64_t CpuThreads(OpKernelContext* ctx) {
   return ctx->device()->tensorflow_cpu_worker_threads()->num_threads;
 }
 
+// A large buffer a CPU kernel keeps between calls. TF's default CPU allocator returns large
+// freed buffers to the OS, so a fresh one costs a page fault per 4 KiB on every call, and on
+// a VM a fault costs ~3 us: the 64 MiB gradient at 16M rows took longer to fault in than to
+// compute, and the forward's 3.2 MB float64 workspace at G = 100000 (2 shards) added 2.5 ms
+// to a 3.8 ms call at 1M rows. A kernel therefore keeps its last buffer and hands it out
+// again when it has the shape asked for and nobody else holds it (the next call of a
+// training loop); a concurrent call finds it held and allocates its own. The price: the
+// buffer stays allocated between calls. GMAE_CPU_REUSE_BUFFERS=0 turns this off.
+class KeptBuffer {
+ public:
+  explicit KeptBuffer(bool on_cpu) : enabled_(on_cpu && EnabledByEnv()) {}
+
+  // ctx->allocate_temp, or the kept buffer.
+  absl::Status AllocateTemp(OpKernelContext* ctx, DataType dtype, const TensorShape& shape,
+                            Tensor* t) {
+    if (!Wanted(dtype, shape)) return ctx->allocate_temp(dtype, shape, t);
+    if (Take(dtype, shape, t)) return absl::OkStatus();
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(dtype, shape, t));
+    Keep(*t);
+    return absl::OkStatus();
+  }
+
+  // ctx->allocate_output(index, ...), or the kept buffer.
+  absl::Status AllocateOutput(OpKernelContext* ctx, int index, const TensorShape& shape,
+                              Tensor** out) {
+    const DataType dtype = ctx->expected_output_dtype(index);
+    if (!Wanted(dtype, shape)) return ctx->allocate_output(index, shape, out);
+    Tensor kept;
+    if (Take(dtype, shape, &kept)) {
+      ctx->set_output(index, kept);
+      *out = ctx->mutable_output(index);
+      return absl::OkStatus();
+    }
+    TF_RETURN_IF_ERROR(ctx->allocate_output(index, shape, out));
+    Keep(**out);
+    return absl::OkStatus();
+  }
+
+ private:
+  static constexpr int64_t kMinBytes = int64_t(1) << 20;  // smaller ones do not fault per call
+
+  static bool EnabledByEnv() {
+    const char* env = std::getenv("GMAE_CPU_REUSE_BUFFERS");
+    return env == nullptr || std::string(env) != "0";
+  }
+
+  bool Wanted(DataType dtype, const TensorShape& shape) const {
+    return enabled_ && shape.num_elements() * int64_t(DataTypeSize(dtype)) >= kMinBytes;
+  }
+
+  // The kept tensor in *t, when it has this type and shape and only this object holds it.
+  bool Take(DataType dtype, const TensorShape& shape, Tensor* t) {
+    mutex_lock lock(mu_);
+    if (!kept_.IsInitialized() || kept_.dtype() != dtype || kept_.shape() != shape ||
+        !kept_.RefCountIsOne()) {
+      return false;
+    }
+    *t = kept_;
+    return true;
+  }
+
+  void Keep(const Tensor& t) {
+    mutex_lock lock(mu_);
+    kept_ = t;
+  }
+
+  const bool enabled_;
+  mutex mu_;
+  Tensor kept_ TF_GUARDED_BY(mu_);
+};
+
 // ---------------------------------------------------------------------------------------
 // Device implementations.
 
@@ -150,11 +221,11 @@ template <typename T, typename Idx>
 struct Impl<CPUDevice, T, Idx> {
   // S and W in float64; returns them in a temp tensor whose first 2G doubles are
   // (S_0, W_0, S_1, W_1, ...), written for the groups in *touched.
-  static absl::Status Accumulate(OpKernelContext* ctx, const Rows<T, Idx>& rows, Tensor* sw,
-                                 gm::cpu::Touched* touched) {
+  static absl::Status Accumulate(OpKernelContext* ctx, const Rows<T, Idx>& rows, KeptBuffer* kept,
+                                 Tensor* sw, gm::cpu::Touched* touched) {
     const int64_t shards = gm::cpu::forward_shards(rows.n, rows.g, CpuThreads(ctx));
     const int64_t doubles = 2 * rows.g + gm::cpu::forward_scratch_doubles(rows.g, shards);
-    TF_RETURN_IF_ERROR(ctx->allocate_temp(DT_DOUBLE, TensorShape({doubles}), sw));
+    TF_RETURN_IF_ERROR(kept->AllocateTemp(ctx, DT_DOUBLE, TensorShape({doubles}), sw));
     double* base = sw->flat<double>().data();
     auto err = gm::cpu::stats(
         rows, shards, base, base + 2 * rows.g,
@@ -163,23 +234,24 @@ struct Impl<CPUDevice, T, Idx> {
     return BadInputStatus(err, rows.g);
   }
 
-  static void Stats(OpKernelContext* ctx, const Rows<T, Idx>& rows, Tensor* sums, Tensor* weights) {
+  static void Stats(OpKernelContext* ctx, const Rows<T, Idx>& rows, KeptBuffer* kept, Tensor* sums,
+                    Tensor* weights) {
     Tensor acc;
     gm::cpu::Touched touched;
-    OP_REQUIRES_OK(ctx, Accumulate(ctx, rows, &acc, &touched));
+    OP_REQUIRES_OK(ctx, Accumulate(ctx, rows, kept, &acc, &touched));
     gm::cpu::unpack(acc.flat<double>().data(), touched, rows.g, sums->flat<OutT<T>>().data(),
                     weights->flat<OutT<T>>().data());
   }
 
   static void Loss(OpKernelContext* ctx, const Rows<T, Idx>& rows, const T* group_weights,
-                   Tensor* loss, Tensor* scale) {
+                   KeptBuffer* kept, Tensor* loss, Tensor* scale) {
     if (group_weights != nullptr) {
       OP_REQUIRES_OK(ctx,
                      BadInputStatus(gm::cpu::check_group_weights(group_weights, rows.g), rows.g));
     }
     Tensor acc;
     gm::cpu::Touched touched;
-    OP_REQUIRES_OK(ctx, Accumulate(ctx, rows, &acc, &touched));
+    OP_REQUIRES_OK(ctx, Accumulate(ctx, rows, kept, &acc, &touched));
     const double value = gm::cpu::finalize(acc.flat<double>().data(), touched, group_weights,
                                            rows.g, scale->flat<OutT<T>>().data());
     loss->scalar<T>()() = static_cast<T>(value);
@@ -247,7 +319,9 @@ struct Impl<GPUDevice, T, Idx> {
                               ws);
   }
 
-  static void Stats(OpKernelContext* ctx, const Rows<T, Idx>& rows, Tensor* sums, Tensor* weights) {
+  // The KeptBuffer is unused: TF's GPU allocator keeps its memory.
+  static void Stats(OpKernelContext* ctx, const Rows<T, Idx>& rows, KeptBuffer*, Tensor* sums,
+                    Tensor* weights) {
     const auto args = Args(rows, nullptr);
     gm::cuda::ForwardPlan plan;
     Tensor ws;
@@ -259,7 +333,7 @@ struct Impl<GPUDevice, T, Idx> {
   }
 
   static void Loss(OpKernelContext* ctx, const Rows<T, Idx>& rows, const T* group_weights,
-                   Tensor* loss, Tensor* scale) {
+                   KeptBuffer*, Tensor* loss, Tensor* scale) {
     const auto args = Args(rows, group_weights);
     gm::cuda::ForwardPlan plan;
     Tensor ws;
@@ -324,14 +398,17 @@ class GroupedMaeOp : public OpKernel {
     Tensor* loss = nullptr;
     Tensor* scale = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &loss));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({rows.g}), &scale));
-    Impl<Device, T, Idx>::Loss(ctx, rows, has_group_weights_ ? gw.flat<T>().data() : nullptr, loss,
-                               scale);
+    OP_REQUIRES_OK(ctx, kept_scale_.AllocateOutput(ctx, 1, TensorShape({rows.g}), &scale));
+    Impl<Device, T, Idx>::Loss(ctx, rows, has_group_weights_ ? gw.flat<T>().data() : nullptr,
+                               &workspace_, loss, scale);
   }
 
  private:
   bool has_sample_weight_ = false;
   bool has_group_weights_ = false;
+  // On the CPU, buffers of 1 MiB or more are kept between calls (see KeptBuffer).
+  KeptBuffer workspace_{std::is_same<Device, CPUDevice>::value};
+  KeptBuffer kept_scale_{std::is_same<Device, CPUDevice>::value};
 };
 
 template <typename Device, typename T, typename Idx>
@@ -347,13 +424,17 @@ class GroupedMaeStatsOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ReadNumGroups(ctx->input(3), &rows.g));
     Tensor* sums = nullptr;
     Tensor* weights = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({rows.g}), &sums));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({rows.g}), &weights));
-    Impl<Device, T, Idx>::Stats(ctx, rows, sums, weights);
+    OP_REQUIRES_OK(ctx, kept_sums_.AllocateOutput(ctx, 0, TensorShape({rows.g}), &sums));
+    OP_REQUIRES_OK(ctx, kept_weights_.AllocateOutput(ctx, 1, TensorShape({rows.g}), &weights));
+    Impl<Device, T, Idx>::Stats(ctx, rows, &workspace_, sums, weights);
   }
 
  private:
   bool has_sample_weight_ = false;
+  // On the CPU, buffers of 1 MiB or more are kept between calls (see KeptBuffer).
+  KeptBuffer workspace_{std::is_same<Device, CPUDevice>::value};
+  KeptBuffer kept_sums_{std::is_same<Device, CPUDevice>::value};
+  KeptBuffer kept_weights_{std::is_same<Device, CPUDevice>::value};
 };
 
 template <typename Device, typename T, typename Idx>
@@ -376,43 +457,15 @@ class GroupedMaeGradOp : public OpKernel {
         errors::InvalidArgument("upstream must be a scalar, got ", upstream.shape().DebugString()));
     rows.g = scale.dim_size(0);
     Tensor* out = nullptr;
-    OP_REQUIRES_OK(ctx, AllocateGrad(ctx, ctx->input(1).shape(), &out));
+    OP_REQUIRES_OK(ctx, kept_grad_.AllocateOutput(ctx, 0, ctx->input(1).shape(), &out));
     Impl<Device, T, Idx>::Grad(ctx, rows, scale.flat<OutT<T>>().data(), upstream, out);
   }
 
  private:
-  // The gradient is as large as y_pred. TF's default CPU allocator returns large buffers to
-  // the OS when they are freed, so a fresh one costs a page fault per 4 KiB on every call:
-  // at 16M rows that is several times the kernel itself. On the CPU the kernel therefore
-  // keeps its last output and hands it out again once nobody else holds it (a training loop
-  // that drops each step's gradient). The cost: one gradient-sized buffer stays allocated
-  // between calls. GMAE_CPU_REUSE_GRAD=0 turns this off.
-  static constexpr int64_t kReuseMinBytes = int64_t(1) << 20;
-
-  absl::Status AllocateGrad(OpKernelContext* ctx, const TensorShape& shape, Tensor** out) {
-    if (!reuse_grad_ || shape.num_elements() * int64_t(sizeof(T)) < kReuseMinBytes) {
-      return ctx->allocate_output(0, shape, out);
-    }
-    mutex_lock lock(mu_);
-    if (last_grad_.IsInitialized() && last_grad_.shape() == shape && last_grad_.RefCountIsOne()) {
-      ctx->set_output(0, last_grad_);
-      *out = ctx->mutable_output(0);
-      return absl::OkStatus();
-    }
-    TF_RETURN_IF_ERROR(ctx->allocate_output(0, shape, out));
-    last_grad_ = **out;
-    return absl::OkStatus();
-  }
-
-  static bool ReuseGradEnabled() {
-    const char* env = std::getenv("GMAE_CPU_REUSE_GRAD");
-    return env == nullptr || std::string(env) != "0";
-  }
-
   bool has_sample_weight_ = false;
-  const bool reuse_grad_ = std::is_same<Device, CPUDevice>::value && ReuseGradEnabled();
-  mutex mu_;
-  Tensor last_grad_ TF_GUARDED_BY(mu_);
+  // The gradient is as large as y_pred: on the CPU the kernel hands out its last one again
+  // once nobody else holds it (a training loop that drops each step's gradient).
+  KeptBuffer kept_grad_{std::is_same<Device, CPUDevice>::value};
 };
 
 #define GMAE_REGISTER(DEV, DEVICE, T, Idx)                     \
