@@ -159,6 +159,39 @@ def test_int64_ids(kind, n, g, weighted):
     np.testing.assert_allclose(float(loss), formula_loss(y_true, y_pred, ids, g, sw), rtol=1e-6)
 
 
+@pytest.mark.parametrize("ids_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("odd", ["other_group", "ignored", "out_of_range"])
+def test_one_odd_id_inside_a_block_of_one_id(odd, ids_dtype):
+    # A block whose first and last ids agree takes the one-group check, which compares 64
+    # bytes of ids at a time: one different id anywhere in it (each 64-byte chunk, and the
+    # rows after the last whole chunk in a short final block) must send the block down
+    # another path. Blocks are 256 rows; the last block here has 200.
+    n, g = 3 * 256 + 200, 8
+    rng = np.random.default_rng(5)
+    y_true = rng.standard_normal(n).astype(np.float32)
+    y_pred = rng.standard_normal(n).astype(np.float32)
+    for row in (1, 15, 16, 63, 64, 130, 254, 256 + 100, 768 + 1, 768 + 191, 768 + 198):
+        ids = np.full(n, 3, dtype=ids_dtype)
+        ids[row] = {"other_group": 6, "ignored": -1, "out_of_range": g}[odd]
+        if odd == "out_of_range":  # in a graph, so that the kernel (not Python) checks
+            f = tf.function(lambda i: gm.grouped_mae_stats(y_true, y_pred, i, g))
+            with pytest.raises(KERNEL, match=rf"group_ids\[{row}\] = {g} is out of range"):
+                f(tf.constant(ids))
+            continue
+        sums, weights = gm.grouped_mae_stats(y_true, y_pred, ids, g)
+        want_s, want_w = formula_stats(y_true, y_pred, ids, g)
+        np.testing.assert_allclose(sums.numpy(), want_s, rtol=1e-6, atol=0)
+        np.testing.assert_array_equal(weights.numpy(), want_w)
+        yp = tf.constant(y_pred)
+        with tf.GradientTape() as tape:
+            tape.watch(yp)
+            loss = gm.grouped_mae(y_true, yp, ids, g)
+        np.testing.assert_allclose(float(loss), formula_loss(y_true, y_pred, ids, g), rtol=1e-6)
+        np.testing.assert_allclose(
+            tape.gradient(loss, yp).numpy(), formula_grad(y_true, y_pred, ids, g), rtol=1e-6
+        )
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 @pytest.mark.parametrize("kind, n, g", PROBLEMS)
 def test_a_nan_stays_in_its_own_group(kind, n, g, value):

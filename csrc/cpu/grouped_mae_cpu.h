@@ -214,22 +214,33 @@ inline double sum4(const double* __restrict x, int64_t m) {
 
 // True when ids[0..m) all equal ids[0] and it is in [0, g): a block of one group. Cheap
 // rejects first (first and last ids differ: always so for sorted ids with a run end inside),
-// then chunks of 16 OR-reduced (vectorised), stopping at the first chunk that differs.
+// then 64 bytes of ids at a time XORed with the first id and ORed together, stopping at the
+// first 64 bytes that differ. Written with SSE2 intrinsics: GCC leaves the plain loop scalar,
+// and it then took a third of the forward and the backward on sorted ids.
 template <typename Idx>
 inline bool one_valid_id(const Idx* __restrict ids, int64_t m, int64_t g) {
-  using U = std::make_unsigned_t<Idx>;
-  const U first = static_cast<U>(ids[0]);
-  if (ids[m - 1] != ids[0] || static_cast<uint64_t>(ids[0]) >= static_cast<uint64_t>(g)) {
+  const Idx first = ids[0];
+  if (ids[m - 1] != first || static_cast<uint64_t>(first) >= static_cast<uint64_t>(g)) {
     return false;
   }
   int64_t k = 0;
-  for (; k + 16 <= m; k += 16) {
-    U diff = 0;
-    for (int64_t j = 0; j < 16; ++j) diff |= static_cast<U>(ids[k + j]) ^ first;
-    if (diff != 0) return false;
+#if defined(__SSE2__)
+  if constexpr (sizeof(Idx) == 4 || sizeof(Idx) == 8) {
+    constexpr int64_t kLanes = 16 / sizeof(Idx);
+    const __m128i f = sizeof(Idx) == 4 ? _mm_set1_epi32(static_cast<int32_t>(first))
+                                       : _mm_set1_epi64x(static_cast<int64_t>(first));
+    auto diff = [&](int64_t at) {
+      return _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ids + at)), f);
+    };
+    for (; k + 4 * kLanes <= m; k += 4 * kLanes) {
+      const __m128i d = _mm_or_si128(_mm_or_si128(diff(k), diff(k + kLanes)),
+                                     _mm_or_si128(diff(k + 2 * kLanes), diff(k + 3 * kLanes)));
+      if (_mm_movemask_epi8(_mm_cmpeq_epi8(d, _mm_setzero_si128())) != 0xFFFF) return false;
+    }
   }
+#endif
   for (; k < m; ++k) {
-    if (static_cast<U>(ids[k]) != first) return false;
+    if (ids[k] != first) return false;
   }
   return true;
 }
