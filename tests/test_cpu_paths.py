@@ -192,6 +192,36 @@ def test_one_odd_id_inside_a_block_of_one_id(odd, ids_dtype):
         )
 
 
+@pytest.mark.parametrize("ids_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("pattern", ["runs_end_at_probes", "sorted_then_shuffled", "pairs"])
+def test_blocks_the_unsorted_probe_misjudges(pattern, ids_dtype):
+    # `looks_unsorted` samples rows 32k and 32k + 1 of a 256-row block. These blocks fool it
+    # one way or the other: runs of 32 rows that end exactly at the sampled rows (scattered
+    # though sorted), a sorted half and a shuffled half, and runs of 2. Each must still be
+    # summed exactly, whichever path it takes.
+    rng = np.random.default_rng(9)
+    g, blocks = 600, 6
+    parts = []
+    for b in range(blocks):
+        if pattern == "runs_end_at_probes":  # row 0 alone, then runs of 32 rows ending at 32k
+            ids = np.concatenate([[b * 10], np.repeat(b * 10 + 1 + np.arange(8), 32)])[:256]
+        elif pattern == "sorted_then_shuffled":
+            ids = np.concatenate([np.repeat(b * 40 + np.arange(4), 32), rng.integers(0, g, 128)])
+        else:  # runs of 2 starting at odd rows: every sampled pair differs
+            ids = np.concatenate([[b], np.repeat(100 + b * 50 + np.arange(128), 2)])[:256]
+        parts.append(ids)
+    ids = np.concatenate(parts).astype(ids_dtype)
+    n = len(ids)
+    y_true = rng.standard_normal(n).astype(np.float32)
+    y_pred = rng.standard_normal(n).astype(np.float32)
+    sums, weights = gm.grouped_mae_stats(y_true, y_pred, ids, g)
+    want_s, want_w = formula_stats(y_true, y_pred, ids, g)
+    np.testing.assert_allclose(sums.numpy(), want_s, rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(weights.numpy(), want_w)
+    loss = gm.grouped_mae(y_true, y_pred, ids, g)
+    np.testing.assert_allclose(float(loss), formula_loss(y_true, y_pred, ids, g), rtol=1e-6)
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 @pytest.mark.parametrize("kind, n, g", PROBLEMS)
 def test_a_nan_stays_in_its_own_group(kind, n, g, value):
