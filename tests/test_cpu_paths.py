@@ -35,6 +35,27 @@ def make_ids(kind: str, n: int, g: int, rng) -> np.ndarray:
     return ids.astype(np.int32)
 
 
+def check_float32_against_formula(y_true, y_pred, ids, g, sw=None, num_groups=None):
+    """S, W, loss and gradient of float32 inputs against the float64 formula, rtol 1e-6;
+    unweighted W (row counts) exactly. num_groups is what the op gets (default g)."""
+    sums, weights = gm.grouped_mae_stats(y_true, y_pred, ids, g, sample_weight=sw)
+    want_s, want_w = formula_stats(y_true, y_pred, ids, g, sw)
+    np.testing.assert_allclose(sums.numpy(), want_s, rtol=1e-6, atol=0)
+    if sw is None:
+        np.testing.assert_array_equal(weights.numpy(), want_w)
+    else:
+        np.testing.assert_allclose(weights.numpy(), want_w, rtol=1e-6, atol=0)
+    yp = tf.constant(y_pred)
+    with tf.GradientTape() as tape:
+        tape.watch(yp)
+        loss = gm.grouped_mae(
+            y_true, yp, ids, g if num_groups is None else num_groups, sample_weight=sw
+        )
+    np.testing.assert_allclose(float(loss), formula_loss(y_true, y_pred, ids, g, sw), rtol=1e-6)
+    want_grad = formula_grad(y_true, y_pred, ids, g, sw)
+    np.testing.assert_allclose(tape.gradient(loss, yp).numpy(), want_grad, rtol=1e-6, atol=0)
+
+
 # (kind, n, g): the sparse path needs g >= 4096 and n * 4 <= g; blocks are 256 rows.
 PROBLEMS = [
     ("sparse", 700, 5000),
@@ -151,12 +172,7 @@ def test_int64_ids(kind, n, g, weighted):
     y_true = rng.standard_normal(n).astype(np.float32)
     y_pred = rng.standard_normal(n).astype(np.float32)
     sw = rng.random(n).astype(np.float32) if weighted else None
-    sums, weights = gm.grouped_mae_stats(y_true, y_pred, ids, g, sample_weight=sw)
-    want_s, want_w = formula_stats(y_true, y_pred, ids, g, sw)
-    np.testing.assert_allclose(sums.numpy(), want_s, rtol=1e-6, atol=0)
-    np.testing.assert_allclose(weights.numpy(), want_w, rtol=1e-6, atol=0)
-    loss = gm.grouped_mae(y_true, y_pred, ids, np.int64(g), sample_weight=sw)
-    np.testing.assert_allclose(float(loss), formula_loss(y_true, y_pred, ids, g, sw), rtol=1e-6)
+    check_float32_against_formula(y_true, y_pred, ids, g, sw, num_groups=np.int64(g))
 
 
 @pytest.mark.parametrize("ids_dtype", [np.int32, np.int64])
@@ -178,18 +194,7 @@ def test_one_odd_id_inside_a_block_of_one_id(odd, ids_dtype):
             with pytest.raises(KERNEL, match=rf"group_ids\[{row}\] = {g} is out of range"):
                 f(tf.constant(ids))
             continue
-        sums, weights = gm.grouped_mae_stats(y_true, y_pred, ids, g)
-        want_s, want_w = formula_stats(y_true, y_pred, ids, g)
-        np.testing.assert_allclose(sums.numpy(), want_s, rtol=1e-6, atol=0)
-        np.testing.assert_array_equal(weights.numpy(), want_w)
-        yp = tf.constant(y_pred)
-        with tf.GradientTape() as tape:
-            tape.watch(yp)
-            loss = gm.grouped_mae(y_true, yp, ids, g)
-        np.testing.assert_allclose(float(loss), formula_loss(y_true, y_pred, ids, g), rtol=1e-6)
-        np.testing.assert_allclose(
-            tape.gradient(loss, yp).numpy(), formula_grad(y_true, y_pred, ids, g), rtol=1e-6
-        )
+        check_float32_against_formula(y_true, y_pred, ids, g)
 
 
 @pytest.mark.parametrize("ids_dtype", [np.int32, np.int64])
@@ -214,12 +219,7 @@ def test_blocks_the_unsorted_probe_misjudges(pattern, ids_dtype):
     n = len(ids)
     y_true = rng.standard_normal(n).astype(np.float32)
     y_pred = rng.standard_normal(n).astype(np.float32)
-    sums, weights = gm.grouped_mae_stats(y_true, y_pred, ids, g)
-    want_s, want_w = formula_stats(y_true, y_pred, ids, g)
-    np.testing.assert_allclose(sums.numpy(), want_s, rtol=1e-6, atol=0)
-    np.testing.assert_array_equal(weights.numpy(), want_w)
-    loss = gm.grouped_mae(y_true, y_pred, ids, g)
-    np.testing.assert_allclose(float(loss), formula_loss(y_true, y_pred, ids, g), rtol=1e-6)
+    check_float32_against_formula(y_true, y_pred, ids, g)
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])

@@ -305,9 +305,7 @@ inline void span_sums(const T* __restrict t, const T* __restrict p, const T* __r
   int64_t k = 0;
   for (; k + 8 <= m; k += 8) {
     double x[8];
-    for (int64_t j = 0; j < 8; ++j) {
-      x[j] = static_cast<double>(std::fabs(widen(p[k + j]) - widen(t[k + j])));
-    }
+    for (int64_t j = 0; j < 8; ++j) x[j] = row_error<double>(t, p, k + j, 1);
     if constexpr (kWeighted) {
       double wv[8];
       for (int64_t j = 0; j < 8; ++j) wv[j] = static_cast<double>(widen(w[k + j]));
@@ -318,7 +316,7 @@ inline void span_sums(const T* __restrict t, const T* __restrict p, const T* __r
   }
   double tail = 0, wtail = 0;
   for (; k < m; ++k) {
-    const double x = static_cast<double>(std::fabs(widen(p[k]) - widen(t[k])));
+    const double x = row_error<double>(t, p, k, 1);
     if constexpr (kWeighted) {
       const double wk = static_cast<double>(widen(w[k]));
       tail += x * wk, wtail += wk;
@@ -458,6 +456,7 @@ RowError accumulate(const Inputs<T, Idx>& in, int64_t begin, int64_t end, double
       continue;
     }
     uint64_t ends[kBlock / 64];
+    // A block that looks unsorted counts as m runs: the scatter below, `ends` unused.
     const int64_t nruns = looks_unsorted(ids, m) ? m : run_ends(ids, m, ends);
     if (in.d == 1 && nruns * 32 <= m) {  // long runs of one id: each summed straight
       int64_t a = 0;

@@ -210,7 +210,6 @@ __device__ __forceinline__ void make_item(int64_t id, A wi, A e, int64_t g, int&
   w = wi;
 }
 
-// Rows row0 .. row0+V-1 of the tile (those < n).
 // V consecutive rows' y_true, y_pred, ids and (when given) sample weights, with streaming
 // loads; row0 + V <= n. The forward and the backward (D == 1) read their rows through this.
 template <int V, typename T, typename Idx>
@@ -222,6 +221,7 @@ __device__ __forceinline__ void load_row_block(const ForwardArgs<T, Idx>& a, int
   if (a.sample_weight) load_streaming<V>(a.sample_weight + row0, sw);
 }
 
+// Rows row0 .. row0+V-1 of the tile (those < n).
 template <typename T, typename Idx, typename A, int V, bool kVec>
 __device__ __forceinline__ void load_rows(const ForwardArgs<T, Idx>& a, int64_t row0, int (&key)[V],
                                           A (&s)[V], A (&w)[V], int& bad) {

@@ -147,11 +147,11 @@ int64_t CpuThreads(OpKernelContext* ctx) {
 // to a 3.8 ms call at 1M rows. A kernel therefore keeps its last buffer and hands it out
 // again when it has the shape asked for and nobody else holds it (the next call of a
 // training loop); a concurrent call finds it held and allocates its own. The price: the
-// buffer stays allocated between calls. GMAE_CPU_REUSE_BUFFERS=0 turns this off.
+// buffer stays allocated between calls. GMAE_CPU_REUSE_BUFFERS=0 turns this off. On the GPU
+// it is a plain allocation: TF's GPU allocator keeps its memory.
+template <typename Device>
 class KeptBuffer {
  public:
-  explicit KeptBuffer(bool on_cpu) : enabled_(on_cpu && EnabledByEnv()) {}
-
   // ctx->allocate_temp, or the kept buffer.
   absl::Status AllocateTemp(OpKernelContext* ctx, DataType dtype, const TensorShape& shape,
                             Tensor* t) {
@@ -206,7 +206,7 @@ class KeptBuffer {
     kept_ = t;
   }
 
-  const bool enabled_;
+  const bool enabled_ = std::is_same<Device, CPUDevice>::value && EnabledByEnv();
   mutex mu_;
   Tensor kept_ TF_GUARDED_BY(mu_);
 };
@@ -221,8 +221,9 @@ template <typename T, typename Idx>
 struct Impl<CPUDevice, T, Idx> {
   // S and W in float64; returns them in a temp tensor whose first 2G doubles are
   // (S_0, W_0, S_1, W_1, ...), written for the groups in *touched.
-  static absl::Status Accumulate(OpKernelContext* ctx, const Rows<T, Idx>& rows, KeptBuffer* kept,
-                                 Tensor* sw, gm::cpu::Touched* touched) {
+  static absl::Status Accumulate(OpKernelContext* ctx, const Rows<T, Idx>& rows,
+                                 KeptBuffer<CPUDevice>* kept, Tensor* sw,
+                                 gm::cpu::Touched* touched) {
     const int64_t shards = gm::cpu::forward_shards(rows.n, rows.g, CpuThreads(ctx));
     const int64_t doubles = 2 * rows.g + gm::cpu::forward_scratch_doubles(rows.g, shards);
     TF_RETURN_IF_ERROR(kept->AllocateTemp(ctx, DT_DOUBLE, TensorShape({doubles}), sw));
@@ -234,8 +235,8 @@ struct Impl<CPUDevice, T, Idx> {
     return BadInputStatus(err, rows.g);
   }
 
-  static void Stats(OpKernelContext* ctx, const Rows<T, Idx>& rows, KeptBuffer* kept, Tensor* sums,
-                    Tensor* weights) {
+  static void Stats(OpKernelContext* ctx, const Rows<T, Idx>& rows, KeptBuffer<CPUDevice>* kept,
+                    Tensor* sums, Tensor* weights) {
     Tensor acc;
     gm::cpu::Touched touched;
     OP_REQUIRES_OK(ctx, Accumulate(ctx, rows, kept, &acc, &touched));
@@ -244,7 +245,7 @@ struct Impl<CPUDevice, T, Idx> {
   }
 
   static void Loss(OpKernelContext* ctx, const Rows<T, Idx>& rows, const T* group_weights,
-                   KeptBuffer* kept, Tensor* loss, Tensor* scale) {
+                   KeptBuffer<CPUDevice>* kept, Tensor* loss, Tensor* scale) {
     if (group_weights != nullptr) {
       OP_REQUIRES_OK(ctx,
                      BadInputStatus(gm::cpu::check_group_weights(group_weights, rows.g), rows.g));
@@ -320,8 +321,8 @@ struct Impl<GPUDevice, T, Idx> {
   }
 
   // The KeptBuffer is unused: TF's GPU allocator keeps its memory.
-  static void Stats(OpKernelContext* ctx, const Rows<T, Idx>& rows, KeptBuffer*, Tensor* sums,
-                    Tensor* weights) {
+  static void Stats(OpKernelContext* ctx, const Rows<T, Idx>& rows, KeptBuffer<GPUDevice>*,
+                    Tensor* sums, Tensor* weights) {
     const auto args = Args(rows, nullptr);
     gm::cuda::ForwardPlan plan;
     Tensor ws;
@@ -333,7 +334,7 @@ struct Impl<GPUDevice, T, Idx> {
   }
 
   static void Loss(OpKernelContext* ctx, const Rows<T, Idx>& rows, const T* group_weights,
-                   KeptBuffer*, Tensor* loss, Tensor* scale) {
+                   KeptBuffer<GPUDevice>*, Tensor* loss, Tensor* scale) {
     const auto args = Args(rows, group_weights);
     gm::cuda::ForwardPlan plan;
     Tensor ws;
@@ -407,8 +408,8 @@ class GroupedMaeOp : public OpKernel {
   bool has_sample_weight_ = false;
   bool has_group_weights_ = false;
   // On the CPU, buffers of 1 MiB or more are kept between calls (see KeptBuffer).
-  KeptBuffer workspace_{std::is_same<Device, CPUDevice>::value};
-  KeptBuffer kept_scale_{std::is_same<Device, CPUDevice>::value};
+  KeptBuffer<Device> workspace_;
+  KeptBuffer<Device> kept_scale_;
 };
 
 template <typename Device, typename T, typename Idx>
@@ -432,9 +433,9 @@ class GroupedMaeStatsOp : public OpKernel {
  private:
   bool has_sample_weight_ = false;
   // On the CPU, buffers of 1 MiB or more are kept between calls (see KeptBuffer).
-  KeptBuffer workspace_{std::is_same<Device, CPUDevice>::value};
-  KeptBuffer kept_sums_{std::is_same<Device, CPUDevice>::value};
-  KeptBuffer kept_weights_{std::is_same<Device, CPUDevice>::value};
+  KeptBuffer<Device> workspace_;
+  KeptBuffer<Device> kept_sums_;
+  KeptBuffer<Device> kept_weights_;
 };
 
 template <typename Device, typename T, typename Idx>
@@ -465,7 +466,7 @@ class GroupedMaeGradOp : public OpKernel {
   bool has_sample_weight_ = false;
   // The gradient is as large as y_pred: on the CPU the kernel hands out its last one again
   // once nobody else holds it (a training loop that drops each step's gradient).
-  KeptBuffer kept_grad_{std::is_same<Device, CPUDevice>::value};
+  KeptBuffer<Device> kept_grad_;
 };
 
 #define GMAE_REGISTER(DEV, DEVICE, T, Idx)                     \
