@@ -4,7 +4,8 @@ Build with the TensorFlow you will run with, without build isolation:
     pip install --no-build-isolation -e .
 Environment: GMAE_CUDA=ON|OFF|AUTO (default AUTO: on when nvcc is found),
 GMAE_CUDA_ARCHITECTURES (CMake list, e.g. "75;80;86;89;90;90-virtual"), GMAE_XLA=ON|OFF,
-GMAE_SANITIZE=ON|OFF, GMAE_CPU_NATIVE=ON|OFF (-march=native), GMAE_BUILD_DIR (default build/),
+GMAE_SANITIZE=ON|OFF, GMAE_CPU_NATIVE=ON|OFF (-march=native), GMAE_CPU_AVX=ON|OFF (-mavx -mpopcnt
+on x86-64, default ON), GMAE_BUILD_DIR (default build/),
 CMAKE_BUILD_PARALLEL_LEVEL.
 """
 
@@ -40,6 +41,7 @@ class CMakeBuild(build_ext):
             f"-DGMAE_XLA={os.environ.get('GMAE_XLA', 'ON')}",
             f"-DGMAE_SANITIZE={os.environ.get('GMAE_SANITIZE', 'OFF')}",
             f"-DGMAE_CPU_NATIVE={os.environ.get('GMAE_CPU_NATIVE', 'OFF')}",
+            f"-DGMAE_CPU_AVX={os.environ.get('GMAE_CPU_AVX', 'ON')}",
         ]
         if os.environ.get("GMAE_CUDA_ARCHITECTURES"):
             args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['GMAE_CUDA_ARCHITECTURES']}")

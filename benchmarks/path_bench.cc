@@ -3,6 +3,7 @@
 // repetitions, in CPU cycles at the nominal clock given as the first argument (GHz, default
 // 2.45). Not part of the build; compile by hand:
 //   g++ -O3 -std=c++17 -Icsrc benchmarks/path_bench.cc -o /tmp/path_bench && /tmp/path_bench
+// (the README's figures are of this SSE2 build; add -mavx -mpopcnt for the library's flags)
 // Patterns: sorted ids in runs of 1M (one id per block), 168, 40, 10 and 4 rows; uniform ids
 // over 1000 groups (the scatter).
 #include <algorithm>
