@@ -55,7 +55,9 @@ def test_op_library_and_core_module_give_the_same_bits(g, layout, weighted, d, d
     # The op returns float32 statistics and loss for float32 inputs: the core's float64 values
     # rounded once. For float64 inputs, the float64 values themselves.
     np.testing.assert_array_equal(sums.numpy(), core_sums.astype(sums.dtype.as_numpy_dtype))
-    np.testing.assert_array_equal(weights.numpy(), core_weights.astype(weights.dtype.as_numpy_dtype))
+    np.testing.assert_array_equal(
+        weights.numpy(), core_weights.astype(weights.dtype.as_numpy_dtype)
+    )
     assert loss.numpy() == dtype(core_loss)
     np.testing.assert_array_equal(grad, core_grad)
     # Not a vacuous comparison: the values are those of the float64 formula.
