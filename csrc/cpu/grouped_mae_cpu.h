@@ -509,7 +509,8 @@ RowError accumulate(const Inputs<T, Idx>& in, int64_t begin, int64_t end, double
       row_errors(in, i0, m, e, wt);
       if (runs(ids, ends, e, weighted ? wt : nullptr, m, p0)) continue;
     }
-    // Unsorted ids, or a block whose sum is not finite: row by row.
+    // Unsorted ids (runs of under 4 rows on average), or a block whose sum is not finite:
+    // row by row.
     if (weighted) {
       in.d == 1 ? scatter_rows<true, true>(in, i0, m, part, copies)
                 : scatter_rows<true, false>(in, i0, m, part, copies);
