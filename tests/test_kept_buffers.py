@@ -3,7 +3,7 @@ the forward's float64 workspace, the [G] outputs (scale, sums, weights) and the 
 once each is 1 MiB or more. A kept buffer must never leak one call's values into the next,
 and must never be handed out while the caller still holds the previous result.
 
-Every check is against the float64 formula (vectorised here: D = 1, no weights), and the
+Every check is against the float64 formula (tests/cases.py), and the
 results must be bitwise the same as in a process with GMAE_CPU_REUSE_BUFFERS=0 (nothing
 kept)."""
 
@@ -17,6 +17,7 @@ import textwrap
 import numpy as np
 import pytest
 import tensorflow as tf
+from cases import formula_grad, formula_loss, formula_stats
 
 import grouped_mae_op as gm
 
@@ -49,20 +50,10 @@ def stats(y_true, y_pred, ids):
     return gm.grouped_mae_stats(y_true, y_pred, ids, G)
 
 
-def formula(y_true, y_pred, ids):
-    """Loss, gradient, S and W in float64 from the definition (D = 1, no weights)."""
-    err = np.abs(y_pred.astype(np.float64) - y_true.astype(np.float64))
-    sums = np.bincount(ids, weights=err, minlength=G)
-    weights = np.bincount(ids, minlength=G).astype(np.float64)
-    present = weights > 0
-    loss = np.mean(sums[present] / weights[present])
-    sign = np.sign(y_pred.astype(np.float64) - y_true.astype(np.float64))
-    grad = sign / (weights[ids] * present.sum())
-    return loss, grad, sums, weights
-
-
 def check(inputs, loss, grad, sums, weights):
-    want_loss, want_grad, want_s, want_w = formula(*inputs)
+    want_s, want_w = formula_stats(*inputs, G)
+    want_loss = formula_loss(*inputs, G)
+    want_grad = formula_grad(*inputs, G)
     np.testing.assert_allclose(float(loss), want_loss, rtol=1e-6)
     np.testing.assert_allclose(grad.numpy(), want_grad, rtol=1e-6, atol=0)
     np.testing.assert_allclose(sums.numpy(), want_s, rtol=1e-6, atol=0)
