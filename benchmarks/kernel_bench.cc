@@ -100,7 +100,8 @@ int main(int argc, char** argv) {
             auto err =
                 gm::cpu::stats(in, shards, acc.data(), acc.data() + 2 * g, run_threads, &touched);
             if (err.kind != gm::BadInput::kNone) abort();
-            loss = gm::cpu::finalize<float>(acc.data(), touched, nullptr, g, scale.data());
+            loss = gm::cpu::finalize<float>(acc.data(), touched, nullptr, g, scale.data(), threads,
+                                            run_threads);
           },
           reps);
       const int64_t bshards = std::max<int64_t>(1, std::min<int64_t>(threads, n / 32768));

@@ -96,6 +96,40 @@ def test_result_is_independent_of_repeats():
         np.testing.assert_array_equal(again[1], first[1])
 
 
+@pytest.mark.parametrize("g", [20_000, 50_000, 150_000])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_finalize_over_many_groups_is_independent_of_the_thread_count(g, weighted):
+    # Under 2 * 32768 rows the forward runs one shard whatever the threads, so only the passes
+    # over the groups (the loss's sums, the scales, the statistics' unpacking) may use them.
+    # Past 16384 groups those run on several threads; the loss is summed over fixed chunks of
+    # groups, so its bits must not depend on the thread count.
+    rng = np.random.default_rng(g)
+    n = 60_000
+    y_true = rng.normal(size=n).astype(np.float64)
+    y_pred = rng.normal(size=n).astype(np.float64)
+    ids = rng.integers(0, g, size=n).astype(np.int32)
+    sw = rng.uniform(0, 2, size=n) if weighted else None
+    gw = rng.uniform(0, 3, size=g) if weighted else None
+    runs = {
+        t: (
+            _core.cpu_loss(y_true, y_pred, ids, g, sample_weight=sw, group_weights=gw, threads=t),
+            _core.cpu_stats(y_true, y_pred, ids, g, sample_weight=sw, threads=t),
+        )
+        for t in (1, 2, 3, 8)
+    }
+    (loss, scale), (sums, weights) = runs[1]
+    want_s, want_w, want_loss, want_scale = grouped_mae_np(y_true, y_pred, ids, g, sw, gw)
+    assert loss == pytest.approx(want_loss, rel=1e-12)
+    np.testing.assert_allclose(scale, want_scale, rtol=1e-12)
+    np.testing.assert_allclose(sums, want_s, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(weights, want_w, rtol=1e-12)
+    for t, ((loss_t, scale_t), (sums_t, weights_t)) in runs.items():
+        assert loss_t == loss, t
+        np.testing.assert_array_equal(scale_t, scale)
+        np.testing.assert_array_equal(sums_t, sums)
+        np.testing.assert_array_equal(weights_t, weights)
+
+
 def test_bad_inputs_raise_value_errors_naming_the_argument():
     y = np.zeros(4, np.float32)
     ids = np.array([0, 1, 9, 1], np.int32)

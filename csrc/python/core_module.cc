@@ -168,7 +168,8 @@ py::tuple cpu_stats_impl(const py::array& yt, const py::array& yp, const py::arr
     gm::cpu::Touched touched;
     err = gm::cpu::stats(c.in, shards, acc.data(), acc.data() + 2 * g, run_shards, &touched);
     if (err.kind == gm::BadInput::kNone) {
-      gm::cpu::unpack(acc.data(), touched, g, sums.mutable_data(), weights.mutable_data());
+      gm::cpu::unpack(acc.data(), touched, g, sums.mutable_data(), weights.mutable_data(),
+                      thread_count(threads), run_shards);
     }
   }
   raise_bad_input(err, g);
@@ -204,7 +205,8 @@ py::tuple cpu_loss_impl(const py::array& yt, const py::array& yp, const py::arra
     gm::cpu::Touched touched;
     err = gm::cpu::stats(c.in, shards, acc.data(), acc.data() + 2 * g, run_shards, &touched);
     if (err.kind == gm::BadInput::kNone) {
-      value = gm::cpu::finalize(acc.data(), touched, gw_ptr, g, scale.mutable_data());
+      value = gm::cpu::finalize(acc.data(), touched, gw_ptr, g, scale.mutable_data(),
+                                thread_count(threads), run_shards);
     }
   }
   raise_bad_input(err, g);

@@ -136,6 +136,11 @@ void RunShards(OpKernelContext* ctx, int64_t shards, const std::function<void(in
   done.Wait();
 }
 
+// RunShards on ctx's pool, as the CPU implementation takes it (run_shards(n, fn)).
+auto ShardRunner(OpKernelContext* ctx) {
+  return [ctx](int64_t n, const std::function<void(int64_t)>& fn) { RunShards(ctx, n, fn); };
+}
+
 int64_t CpuThreads(OpKernelContext* ctx) {
   return ctx->device()->tensorflow_cpu_worker_threads()->num_threads;
 }
@@ -228,10 +233,7 @@ struct Impl<CPUDevice, T, Idx> {
     const int64_t doubles = 2 * rows.g + gm::cpu::forward_scratch_doubles(rows.g, shards);
     TF_RETURN_IF_ERROR(kept->AllocateTemp(ctx, DT_DOUBLE, TensorShape({doubles}), sw));
     double* base = sw->flat<double>().data();
-    auto err = gm::cpu::stats(
-        rows, shards, base, base + 2 * rows.g,
-        [ctx](int64_t n, const std::function<void(int64_t)>& fn) { RunShards(ctx, n, fn); },
-        touched);
+    auto err = gm::cpu::stats(rows, shards, base, base + 2 * rows.g, ShardRunner(ctx), touched);
     return BadInputStatus(err, rows.g);
   }
 
@@ -241,7 +243,7 @@ struct Impl<CPUDevice, T, Idx> {
     gm::cpu::Touched touched;
     OP_REQUIRES_OK(ctx, Accumulate(ctx, rows, kept, &acc, &touched));
     gm::cpu::unpack(acc.flat<double>().data(), touched, rows.g, sums->flat<OutT<T>>().data(),
-                    weights->flat<OutT<T>>().data());
+                    weights->flat<OutT<T>>().data(), CpuThreads(ctx), ShardRunner(ctx));
   }
 
   static void Loss(OpKernelContext* ctx, const Rows<T, Idx>& rows, const T* group_weights,
@@ -253,8 +255,9 @@ struct Impl<CPUDevice, T, Idx> {
     Tensor acc;
     gm::cpu::Touched touched;
     OP_REQUIRES_OK(ctx, Accumulate(ctx, rows, kept, &acc, &touched));
-    const double value = gm::cpu::finalize(acc.flat<double>().data(), touched, group_weights,
-                                           rows.g, scale->flat<OutT<T>>().data());
+    const double value =
+        gm::cpu::finalize(acc.flat<double>().data(), touched, group_weights, rows.g,
+                          scale->flat<OutT<T>>().data(), CpuThreads(ctx), ShardRunner(ctx));
     loss->scalar<T>()() = static_cast<T>(value);
   }
 
