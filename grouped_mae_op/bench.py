@@ -21,7 +21,9 @@ Timing: "call" is the time of one call of the tf.function, TF's fixed cost per c
 (the "empty" column, ~0.4 ms on a small VM: it caps every speedup at small N). For the N in
 --graph-n (2^10 by default) each configuration is also timed "graph": per computation inside
 one tf.function that runs it K x U times (a tf.while_loop of K iterations over U copies of the
-inputs), which is what the loss costs inside a training step.
+inputs), which is what the loss costs inside a training step. For the N in --eager-n (2^10 by
+default) it is also timed "eager": one call without tf.function (eager ops, and a GradientTape
+for fwdbwd), as in a model compiled with run_eagerly=True or an eager custom training loop.
 
 Writes to --out (default bench_results/): results.json (every timing, the machine, TF, the build),
 results.png (time against N per implementation; speedup of fused over the composite). Prints a
@@ -71,6 +73,7 @@ PROFILES = {
         reps=7,
         min_time=0.4,
         graph_n=[2**10],
+        eager_n=[2**10],
         # The forward alone only where it is cheap: at 16M rows the reference takes a second
         # a call, and the targets are for fwd+bwd. `--mode fwd` times it at every N.
         fwd_n=[2**10, 2**20],
@@ -83,6 +86,7 @@ PROFILES = {
         reps=9,
         min_time=0.5,
         graph_n=[2**10, 2**12, 2**14],
+        eager_n=[2**10, 2**12, 2**14],
         fwd_n=None,  # every N
     ),
 }
@@ -416,7 +420,8 @@ def table(rows: list[dict]) -> str:
     lines.append(
         "Median ms. time = call: per call of a tf.function (includes TF's fixed cost per call, "
         "the 'empty' column); graph: per computation inside one tf.function that runs it many "
-        "times (as inside a training step, where that cost is paid once per step). "
+        "times (as inside a training step, where that cost is paid once per step); eager: per "
+        "call without tf.function (eager ops and GradientTape, as with run_eagerly=True). "
         "vs ref = reference / fused; vs comp = composite / fused "
         "(composite: float32 unsorted_segment_sum, as users write it). "
         "x floor = fused / floor, where floor is "
@@ -436,6 +441,7 @@ def plot(rows: list[dict], path: Path) -> bool:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return False
     graph_rows = [r for r in rows if r.get("timing") == "graph"]
+    eager_rows = [r for r in rows if r.get("timing") == "eager"]
     rows = [r for r in rows if r.get("timing", "call") == "call"]
     mode = "fwdbwd" if any(r["mode"] == "fwdbwd" for r in rows) else "fwd"
     sel = [r for r in rows if r["mode"] == mode]
@@ -519,6 +525,15 @@ def plot(rows: list[dict], path: Path) -> bool:
             "kx",
             markersize=6,
             label="in graph (all G, layouts)",
+        )
+    eager_sel = [r for r in eager_rows if r["mode"] == mode and r.get(f"speedup_vs_{base}")]
+    if eager_sel:
+        ax2.plot(
+            [r["n"] for r in eager_sel],
+            [r[f"speedup_vs_{base}"] for r in eager_sel],
+            "k+",
+            markersize=7,
+            label="eager, per call (all G, layouts)",
         )
     ax2.axhline(1.0, color="k", lw=0.8)
     ax2.set(
@@ -611,6 +626,12 @@ def parse_args(argv=None):
         "0 for none (default: 2^10 for --quick, 2^10..2^14 for --full)",
     )
     p.add_argument(
+        "--eager-n",
+        type=_ints,
+        help="N values also timed eagerly, without tf.function, e.g. 2^10; 0 for none "
+        "(default: 2^10 for --quick, 2^10..2^14 for --full)",
+    )
+    p.add_argument(
         "--graph-iters",
         type=int,
         default=100,
@@ -647,10 +668,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     prof = PROFILES[args.profile or "quick"]
     grid_given = args.n is not None or args.mode is not None
-    for key in ("n", "g", "layout", "dtype", "reps", "min_time", "graph_n"):
+    for key in ("n", "g", "layout", "dtype", "reps", "min_time", "graph_n", "eager_n"):
         if getattr(args, key) is None:
             setattr(args, key, prof[key])
     args.graph_n = [n for n in args.graph_n if n > 0]
+    args.eager_n = [n for n in args.eager_n if n > 0]
     # The forward alone is timed at every N of a grid given with --n or --mode, else per the
     # profile.
     args.fwd_n = None if grid_given else prof["fwd_n"]
@@ -665,6 +687,7 @@ def _plan(args, n: int) -> list[tuple[str, str]]:
     """(mode, timing) pairs to run at N = n."""
     modes = [m for m in args.mode if m != "fwd" or args.fwd_n is None or n in args.fwd_n]
     timings = ["call"] + (["graph"] if n in args.graph_n else [])
+    timings += ["eager"] if n in args.eager_n else []
     return [(m, t) for m in modes for t in timings]
 
 
@@ -698,7 +721,10 @@ def run(args) -> dict:
             iters = args.graph_iters if timing == "graph" else 0
             per = args.graph_iters * args.graph_copies if timing == "graph" else 1
             with tf.device(dev.upper() + ":0"):
-                fns = {i: build_fn(i, mode, g, iters) for i in impls}
+                if timing == "eager":
+                    fns = {i: _body(i, mode, g) for i in impls}
+                else:
+                    fns = {i: build_fn(i, mode, g, iters) for i in impls}
                 fn_args = graph_inputs(inputs, args.graph_copies) if iters else inputs
                 times, values = time_side_by_side(
                     fns, fn_args, dev, args.reps, args.min_time, args.max_time
@@ -723,7 +749,7 @@ def run(args) -> dict:
                 row["loss"] = {i: v for i, v in values.items() if i not in ("floor", "empty")}
             if "fused" in med and "reference" in med:
                 row["speedup_vs_reference"] = med["reference"] / med["fused"]
-                if timing == "call":
+                if timing in ("call", "eager"):
                     ref, got = values["reference"], values["fused"]
                     row["fused_matches_reference"] = abs(got - ref) <= 1e-4 * max(1.0, abs(ref))
             if "fused" in med and "composite" in med:

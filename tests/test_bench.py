@@ -1,5 +1,5 @@
 """The benchmark CLI (python -m grouped_mae_op.bench) on a tiny grid: it runs every
-implementation, times per call and in graph, agrees with the reference, and writes the
+implementation, times per call, in graph and eagerly, agrees with the reference, and writes the
 table, the JSON and the plot. Speed itself is never asserted (see the README)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path):
     cmd = [
         sys.executable, "-m", "grouped_mae_op.bench",
         "--n", "2^10,2^12", "--g", "10,5000", "--layout", "sorted,uniform",
-        "--graph-n", "2^10", "--graph-iters", "2", "--graph-copies", "2",
+        "--graph-n", "2^10", "--graph-iters", "2", "--graph-copies", "2", "--eager-n", "2^12",
         "--reps", "2", "--min-time", "0", "--no-memory", "--out", str(tmp_path),
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -27,9 +27,11 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path):
     result = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "results.png").stat().st_size > 10_000
     rows = result["rows"]
-    # 2 N x 2 G x 2 layouts x 2 modes, and the N = 2^10 ones again in graph.
-    assert len(rows) == 16 + 8
-    assert sum(r["timing"] == "graph" for r in rows) == 8
+    # 2 N x 2 G x 2 layouts x 2 modes, the N = 2^10 ones again in graph, the N = 2^12 ones
+    # again eagerly.
+    assert len(rows) == 16 + 8 + 8
+    assert sum(r["timing"] == "graph" and r["n"] == 2**10 for r in rows) == 8
+    assert sum(r["timing"] == "eager" and r["n"] == 2**12 for r in rows) == 8
     for r in rows:
         ms = r["median_ms"]
         want = {"fused", "reference", "composite", "floor", "empty"}
@@ -38,7 +40,7 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path):
         assert set(ms) == want, r
         assert all(v > 0 for v in ms.values())
         assert r["speedup_vs_composite"] == pytest.approx(ms["composite"] / ms["fused"])
-        if r["timing"] == "call":
+        if r["timing"] in ("call", "eager"):
             assert r["fused_matches_reference"], r["loss"]
             assert abs(r["loss"]["fused"] - r["loss"]["composite"]) < 1e-4
     assert result["machine"]["tensorflow"]
@@ -53,8 +55,10 @@ def test_quick_profile_times_the_forward_alone_only_where_it_is_cheap():
     assert bench._plan(quick, 2**10) == [
         ("fwd", "call"),
         ("fwd", "graph"),
+        ("fwd", "eager"),
         ("fwdbwd", "call"),
         ("fwdbwd", "graph"),
+        ("fwdbwd", "eager"),
     ]
     assert bench._plan(quick, 2**24) == [("fwdbwd", "call")]
     # A grid asked for explicitly is timed in every mode asked for.
