@@ -40,6 +40,10 @@
 // faster on sorted ids and 10-25% faster on the unsorted scatter, but 4M rows in one group
 // would already be off by 1e-6 relative, against ~1e-11 in float64.
 //
+// After the merge, `finalize` (the loss and the [G] gradient scales) and `unpack` (S and W as
+// two arrays) split the groups over the threads too; the loss sums fixed chunks of groups, so
+// its bits do not depend on the thread count.
+//
 // The threading is injected: `run_shards(n, fn)` must call fn(s) for s in [0, n), in any
 // order and concurrently. The TF binding passes TF's intra-op pool.
 #pragma once
