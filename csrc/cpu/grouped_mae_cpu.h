@@ -41,8 +41,9 @@
 // would already be off by 1e-6 relative, against ~1e-11 in float64.
 //
 // After the merge, `finalize` (the loss and the [G] gradient scales) and `unpack` (S and W as
-// two arrays) split the groups over the threads too; the loss sums fixed chunks of groups, so
-// its bits do not depend on the thread count.
+// two arrays) split the groups over the threads too. The loss sums fixed chunks of groups, so
+// from given statistics it gets the same bits on any number of threads (the statistics
+// themselves depend on the shard count, as above).
 //
 // The threading is injected: `run_shards(n, fn)` must call fn(s) for s in [0, n), in any
 // order and concurrently. The TF binding passes TF's intra-op pool.
@@ -625,10 +626,11 @@ void unpack(const double* sw, const Touched& touched, int64_t g, Out* sums, Out*
 // When `stats` wrote every group (touched.all), the groups are cut into fixed chunks of
 // kFinalizeChunk: each chunk's loss terms are summed in group order, then the chunk sums in
 // chunk order. Both that and the scales run on up to `threads` shards (run_shards, as in
-// `stats`). The chunks do not depend on the thread count, so neither does the result; for
-// G <= kFinalizeChunk it is the plain sum in group order. On one thread this pass took 0.15 ms
-// at G = 1e5 (a tenth of the forward at 1M rows); on two, the forward at 4M rows and G = 1e6
-// (kernel_bench) went from 6.6-6.7 to 5.7-5.9 ms with sorted ids, 12.2-12.4 to 11.5-11.6 uniform.
+// `stats`). The chunks do not depend on the thread count, so neither does the result from
+// given statistics; for G <= kFinalizeChunk it is the plain sum in group order.
+// On one thread this pass took 0.15 ms at G = 1e5 (a tenth of the forward at 1M rows). On two,
+// the forward at 4M rows and G = 1e6 (kernel_bench) went from 6.6-6.7 to 5.7-5.9 ms with sorted
+// ids, and from 12.2-12.4 to 11.5-11.6 ms with uniform ids.
 template <typename T, typename Out, typename RunShards>
 double finalize(const double* sw, const Touched& touched, const T* group_weights, int64_t g,
                 Out* scale, int64_t threads, RunShards&& run_shards) {
