@@ -440,8 +440,7 @@ def plot(rows: list[dict], path: Path) -> bool:
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return False
-    graph_rows = [r for r in rows if r.get("timing") == "graph"]
-    eager_rows = [r for r in rows if r.get("timing") == "eager"]
+    all_rows = rows
     rows = [r for r in rows if r.get("timing", "call") == "call"]
     mode = "fwdbwd" if any(r["mode"] == "fwdbwd" for r in rows) else "fwd"
     sel = [r for r in rows if r["mode"] == mode]
@@ -517,24 +516,21 @@ def plot(rows: list[dict], path: Path) -> bool:
                     markersize=3,
                     label=f"G={g} {layout}",
                 )
-    graph_sel = [r for r in graph_rows if r["mode"] == mode and r.get(f"speedup_vs_{base}")]
-    if graph_sel:
-        ax2.plot(
-            [r["n"] for r in graph_sel],
-            [r[f"speedup_vs_{base}"] for r in graph_sel],
-            "kx",
-            markersize=6,
-            label="in graph (all G, layouts)",
-        )
-    eager_sel = [r for r in eager_rows if r["mode"] == mode and r.get(f"speedup_vs_{base}")]
-    if eager_sel:
-        ax2.plot(
-            [r["n"] for r in eager_sel],
-            [r[f"speedup_vs_{base}"] for r in eager_sel],
-            "k+",
-            markersize=7,
-            label="eager, per call (all G, layouts)",
-        )
+    # The other timings at small N, as markers over every G and layout.
+    for timing, marker, label in (("graph", "kx", "in graph"), ("eager", "k+", "eager, per call")):
+        pts = [
+            (r["n"], r[f"speedup_vs_{base}"])
+            for r in all_rows
+            if r.get("timing") == timing and r["mode"] == mode and r.get(f"speedup_vs_{base}")
+        ]
+        if pts:
+            ax2.plot(
+                [n for n, _ in pts],
+                [v for _, v in pts],
+                marker,
+                markersize=6,
+                label=f"{label} (all G, layouts)",
+            )
     ax2.axhline(1.0, color="k", lw=0.8)
     ax2.set(
         xscale="log",
