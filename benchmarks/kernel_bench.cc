@@ -104,7 +104,7 @@ int main(int argc, char** argv) {
                                             run_threads);
           },
           reps);
-      const int64_t bshards = std::max<int64_t>(1, std::min<int64_t>(threads, n / 32768));
+      const int64_t bshards = gm::cpu::backward_shards(n, threads);
       double bwd = median_ms(
           [&] {
             run_threads(bshards, [&](int64_t s) {

@@ -121,6 +121,12 @@ inline int64_t forward_shards(int64_t n, int64_t g, int64_t threads) {
   return std::max<int64_t>(1, std::min({threads, by_rows, by_memory}));
 }
 
+// Number of shards for the backward pass: element-wise, so any split gives the same result; a
+// shard gets at least kMinRowsPerShard rows.
+inline int64_t backward_shards(int64_t n, int64_t threads) {
+  return std::max<int64_t>(1, std::min(threads, n / kMinRowsPerShard));
+}
+
 // Each partial in the scratch starts on its own 128-byte boundary (a pair of cache lines, which
 // the adjacent-line prefetcher fetches together), so that the partials of two shards never
 // share a line: with G = 10 a partial is 160 bytes, and packed end to end, two shards would

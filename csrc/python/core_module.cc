@@ -225,8 +225,7 @@ py::array cpu_backward_impl(const py::array& yt, const py::array& yp, const py::
   const int64_t g = scale.shape(0);
   CpuCall<T, Idx> c(yt, yp, ids, sw, g);
   py::array_t<T> out(shape_of(c.y_true));
-  const int64_t shards = std::max<int64_t>(
-      1, std::min<int64_t>(thread_count(threads), c.in.n / gm::cpu::kMinRowsPerShard));
+  const int64_t shards = gm::cpu::backward_shards(c.in.n, thread_count(threads));
   std::vector<gm::cpu::RowError> errs(shards);
   {
     py::gil_scoped_release release;

@@ -264,8 +264,7 @@ struct Impl<CPUDevice, T, Idx> {
   static void Grad(OpKernelContext* ctx, const Rows<T, Idx>& rows, const OutT<T>* scale,
                    const Tensor& upstream, Tensor* out) {
     const OutT<T> up = static_cast<OutT<T>>(gm::widen(upstream.scalar<T>()()));
-    const int64_t shards = std::max<int64_t>(
-        1, std::min<int64_t>(CpuThreads(ctx), rows.n / gm::cpu::kMinRowsPerShard));
+    const int64_t shards = gm::cpu::backward_shards(rows.n, CpuThreads(ctx));
     std::vector<gm::cpu::RowError> errs(shards);
     T* o = out->flat<T>().data();
     RunShards(ctx, shards, [&](int64_t s) {
