@@ -5,7 +5,9 @@
     python -m grouped_mae_op.bench --n 2^20 --g 10,1000 --layout zipf --mode fwdbwd
 
 Implementations, timed side by side (round-robin within each repetition, so a busy machine
-slows all of them alike), each inside one tf.function, warmed up, median of the repetitions:
+slows all of them alike; --order back-to-back runs each one's repetitions in a row instead, and
+--pause-ms sleeps before each timed call), each inside one tf.function, warmed up, median of
+the repetitions:
   fused         grouped_mae_op.grouped_mae (this package's op)
   reference     grouped_mae_op.reference.grouped_mae (pure-TF composite: unsorted_segment_sum
                 and element-wise ops, with the same checks)
@@ -226,12 +228,23 @@ def _first_value(out) -> float:
 
 
 def time_side_by_side(
-    fns: dict, args, device: str, reps: int, min_time: float, max_time: float, warmup: int = 2
+    fns: dict,
+    args,
+    device: str,
+    reps: int,
+    min_time: float,
+    max_time: float,
+    warmup: int = 2,
+    order: str = "round-robin",
+    pause: float = 0.0,
 ):
-    """{name: [seconds per call]}: every repetition runs each fn once, in turn.
+    """{name: [seconds per call]}, {name: first output value}.
 
-    Repeats `reps` times and for at least `min_time` seconds, but stops after 3 repetitions
-    once `max_time` seconds have passed (the composite takes seconds a call at 16M rows).
+    order = "round-robin": every repetition runs each fn once, in turn (a busy machine slows
+    all of them alike). "back-to-back": all repetitions of one fn, then the next. Either way
+    each fn repeats `reps` times and for at least `min_time` seconds, but stops after 3
+    repetitions once `max_time` seconds have passed (the composite takes seconds a call at 16M
+    rows). With pause > 0, each timed call starts after sleeping that many seconds.
     """
     values = {}
     for name, fn in fns.items():
@@ -243,20 +256,24 @@ def time_side_by_side(
                 break  # a second of tracing and running: warm enough (the median discards more)
         values[name] = _first_value(out)
     times = {name: [] for name in fns}
+    turns = [list(fns)] if order == "round-robin" else [[name] for name in fns]
     # As timeit does: no garbage collection inside the timed calls (a full collection of
     # TF's object graph takes milliseconds and would land in whichever call triggers it).
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        _time_round_robin(fns, args, device, reps, min_time, max_time, times)
+        for names in turns:
+            fns_now = {name: fns[name] for name in names}
+            _time_repeated(fns_now, args, device, reps, min_time, max_time, pause, times)
     finally:
         if gc_was_enabled:
             gc.enable()
     return times, values
 
 
-def _time_round_robin(fns, args, device, reps, min_time, max_time, times) -> None:
+def _time_repeated(fns, args, device, reps, min_time, max_time, pause, times) -> None:
+    """Repetitions of calling each of fns once, in turn; appends each call's seconds."""
     start = time.perf_counter()
     r = 0
     while True:
@@ -266,6 +283,8 @@ def _time_round_robin(fns, args, device, reps, min_time, max_time, times) -> Non
         if r >= reps and elapsed >= min_time:
             break
         for name, fn in fns.items():
+            if pause > 0:
+                time.sleep(pause)
             t0 = time.perf_counter()
             fn(*args)
             _sync(device)
@@ -642,6 +661,21 @@ def parse_args(argv=None):
         help="... each computing on U copies of the inputs (default 4); the time per call / "
         "(K * U) is the cost inside a training step, without TF's fixed cost per call",
     )
+    p.add_argument(
+        "--order",
+        choices=("round-robin", "back-to-back"),
+        default="round-robin",
+        help="round-robin (default): each repetition calls every implementation once, in turn; "
+        "back-to-back: all calls of one implementation, then the next (warm caches)",
+    )
+    p.add_argument(
+        "--pause-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="sleep this long before each timed call (default 0), to time calls that start "
+        "after an idle period",
+    )
     p.add_argument("--reps", type=int, help="timed repetitions per configuration")
     p.add_argument("--min-time", type=float, help="keep repeating for at least this many s")
     p.add_argument(
@@ -723,7 +757,14 @@ def run(args) -> dict:
                     fns = {i: build_fn(i, mode, g, iters) for i in impls}
                 fn_args = graph_inputs(inputs, args.graph_copies) if iters else inputs
                 times, values = time_side_by_side(
-                    fns, fn_args, dev, args.reps, args.min_time, args.max_time
+                    fns,
+                    fn_args,
+                    dev,
+                    args.reps,
+                    args.min_time,
+                    args.max_time,
+                    order=args.order,
+                    pause=args.pause_ms / 1e3,
                 )
             times = {i: [x / per for x in t] for i, t in times.items()}
             med = {i: 1e3 * statistics.median(t) for i, t in times.items()}
@@ -788,6 +829,8 @@ def main(argv=None) -> int:
         return 0
     result = run(args)
     print(table(result["rows"]))
+    if args.order != "round-robin" or args.pause_ms > 0:
+        print(f"Timed {args.order}, with a pause of {args.pause_ms:g} ms before each call.")
     for m in result.get("peak_memory", []):
         print(
             f"peak extra memory, one fwd+bwd call, {m['dtype']} N={_fmt_n(m['n'])} "

@@ -69,3 +69,41 @@ def test_quick_profile_times_the_forward_alone_only_where_it_is_cheap():
     assert bench._plan(bench.parse_args(["--mode", "fwd"]), 2**24) == [("fwd", "call")]
     full = bench.parse_args(["--full"])
     assert all(("fwd", "call") in bench._plan(full, n) for n in full.n)
+
+
+@pytest.mark.parametrize("order", ["round-robin", "back-to-back"])
+@pytest.mark.parametrize("pause_ms", [0.0, 2.0])
+def test_timing_order_and_pause(monkeypatch, order, pause_ms):
+    import tensorflow as tf
+
+    from grouped_mae_op import bench
+
+    args = bench.parse_args(["--order", order, "--pause-ms", str(pause_ms)])
+    assert (args.order, args.pause_ms) == (order, pause_ms)
+    events = []
+    monkeypatch.setattr(bench.time, "sleep", lambda s: events.append(("sleep", s)))
+
+    def fn(name, value):
+        def call():
+            events.append(("call", name))
+            return tf.constant(value)
+
+        return call
+
+    fns = {"a": fn("a", 1.5), "b": fn("b", 2.5)}
+    times, values = bench.time_side_by_side(
+        fns, (), "cpu", reps=3, min_time=0.0, max_time=100.0, warmup=1,
+        order=args.order, pause=args.pause_ms / 1e3,
+    )  # fmt: skip
+    assert values == {"a": 1.5, "b": 2.5}
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    assert all(t >= 0 for v in times.values() for t in v)
+    timed = events[2:]  # after one warm-up call of each, never paused
+    assert events[:2] == [("call", "a"), ("call", "b")]
+    names = [e[1] for e in timed if e[0] == "call"]
+    assert names == (["a", "b"] * 3 if order == "round-robin" else ["a"] * 3 + ["b"] * 3)
+    if pause_ms:
+        # One pause right before each timed call.
+        assert timed == [e for name in names for e in (("sleep", pause_ms / 1e3), ("call", name))]
+    else:
+        assert all(e[0] == "call" for e in timed)
