@@ -595,6 +595,23 @@ def _names(allowed):
     return parse
 
 
+def _check_ranges(parser, args) -> None:
+    """parser.error (exit 2, naming the option and the value) for a number out of range."""
+    at_least_one = [("--n", v) for v in args.n] + [("--g", v) for v in args.g]
+    at_least_one += [("--reps", args.reps), ("--graph-iters", args.graph_iters)]
+    at_least_one += [("--graph-copies", args.graph_copies), ("--d", args.d)]
+    for name, value in at_least_one:
+        if value < 1:
+            parser.error(f"{name} must be at least 1, got {value}")
+    for name, value in [
+        ("--min-time", args.min_time),
+        ("--max-time", args.max_time),
+        ("--pause-ms", args.pause_ms),
+    ]:
+        if not value >= 0:  # also NaN
+            parser.error(f"{name} must be at least 0, got {value}")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m grouped_mae_op.bench",
@@ -701,6 +718,7 @@ def parse_args(argv=None):
     for key in ("n", "g", "layout", "dtype", "reps", "min_time", "graph_n", "eager_n"):
         if getattr(args, key) is None:
             setattr(args, key, prof[key])
+    _check_ranges(p, args)
     args.graph_n = [n for n in args.graph_n if n > 0]
     args.eager_n = [n for n in args.eager_n if n > 0]
     # The forward alone is timed at every N of a grid given with --n or --mode, else per the

@@ -107,3 +107,26 @@ def test_timing_order_and_pause(monkeypatch, order, pause_ms):
         assert timed == [e for name in names for e in (("sleep", pause_ms / 1e3), ("call", name))]
     else:
         assert all(e[0] == "call" for e in timed)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--graph-iters", "0"], "--graph-iters must be at least 1, got 0"),
+        (["--graph-copies", "-2"], "--graph-copies must be at least 1, got -2"),
+        (["--reps", "0"], "--reps must be at least 1, got 0"),
+        (["--d", "0"], "--d must be at least 1, got 0"),
+        (["--n", "2^10,0"], "--n must be at least 1, got 0"),
+        (["--g", "-5"], "--g must be at least 1, got -5"),
+        (["--pause-ms", "-1"], "--pause-ms must be at least 0, got -1.0"),
+        (["--min-time", "nan"], "--min-time must be at least 0, got nan"),
+        (["--max-time", "-3"], "--max-time must be at least 0, got -3.0"),
+    ],
+)
+def test_out_of_range_options_are_rejected_by_name(capsys, argv, message):
+    from grouped_mae_op import bench
+
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
