@@ -129,3 +129,33 @@ def _grouped_mae_stats_grad(op, grad_sums, _grad_weights):
         return [None] * 5
     one = tf.ones([], op.inputs[1].dtype)
     return _row_grad(op, grad_sums, one) + [None] * 3
+
+
+@tf.RegisterGradient("GroupedMaeGrad")
+def _grouped_mae_grad_grad(op, grad_grad):
+    """Second order, for nested tapes (gradient penalties, Hessian-vector products).
+
+    The op's output is upstream * scale[g] * w / D * sign(y_pred - y_true), 0 for an ignored
+    row. In y_true and y_pred its derivative is zero almost everywhere (TF differentiates the
+    sign inside tf.abs's gradient to zero too); in the group scales and in upstream it is
+    linear. Sample weights and ids get none, as in the first order.
+    """
+    y_true, y_pred, ids, sample_weight, scale, upstream = op.inputs
+    # w / D * sign(y_pred - y_true) per element: the op with every scale and upstream 1.
+    unit = _ops.grouped_mae_grad(
+        y_true,
+        y_pred,
+        ids,
+        sample_weight,
+        tf.ones_like(scale),
+        tf.ones_like(upstream),
+        has_sample_weight=op.get_attr("has_sample_weight"),
+    )
+    per_element = tf.cast(grad_grad, scale.dtype) * tf.cast(unit, scale.dtype)
+    per_row = tf.reduce_sum(per_element, axis=tf.range(1, tf.rank(per_element)))
+    # Ignored rows (negative ids) are dropped by unsorted_segment_sum, and are 0 anyway.
+    per_group = tf.math.unsorted_segment_sum(per_row, ids, tf.shape(scale)[0])
+    grad_scale = per_group * tf.cast(upstream, scale.dtype)
+    grad_upstream = tf.cast(tf.reduce_sum(per_group * scale), upstream.dtype)
+    zeros = tf.zeros_like(y_pred)
+    return [zeros, zeros, None, None, grad_scale, grad_upstream]
