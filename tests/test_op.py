@@ -3,6 +3,11 @@ values, per-group statistics and gradients, in eager mode, tf.function and XLA."
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -558,3 +563,45 @@ def test_gpu_out_of_range_id_gives_nan():
     with tf.device("/GPU:0"):
         loss = gm.grouped_mae(tf.zeros([3]), tf.ones([3]), tf.constant([0, 7, 1]), 2)
     assert np.isnan(float(loss))
+
+
+def test_saved_model_loads_in_a_fresh_process_after_the_import(tmp_path):
+    # Save a tf.Module that calls the op and its gradient; load it in new processes: without
+    # `import grouped_mae_op` TF names the missing op, with it the values are those saved.
+    class Step(tf.Module):
+        @tf.function(
+            input_signature=[tf.TensorSpec([None], tf.float32)] * 2
+            + [tf.TensorSpec([None], tf.int32)]
+        )
+        def __call__(self, y_true, y_pred, ids):
+            with tf.GradientTape() as tape:
+                tape.watch(y_pred)
+                loss = gm.grouped_mae(y_true, y_pred, ids, 3)
+            return loss, tape.gradient(loss, y_pred)
+
+    tf.saved_model.save(Step(), str(tmp_path / "sm"))
+    y_true, y_pred, ids = [0.0, 0.0, 0.0, 1.0], [1.0, 3.0, -2.0, 1.0], [0, 0, 2, -1]
+    want = formula_loss(y_true, y_pred, ids, 3)  # groups 0 and 2: (2 + 2) / 2
+    load = (
+        "import json, sys, tensorflow as tf\n"
+        "{imp}"
+        "m = tf.saved_model.load(sys.argv[1])\n"
+        f"loss, grad = m(tf.constant({y_true}), tf.constant({y_pred}), tf.constant({ids}))\n"
+        "print(json.dumps([float(loss), grad.numpy().tolist()]))\n"
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    without = subprocess.run(
+        [sys.executable, "-c", load.format(imp=""), str(tmp_path / "sm")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert without.returncode != 0
+    assert "GroupedMae" in without.stderr
+    with_import = subprocess.run(
+        [sys.executable, "-c", load.format(imp="import grouped_mae_op\n"), str(tmp_path / "sm")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert with_import.returncode == 0, with_import.stderr[-2000:]
+    loss, grad = json.loads(with_import.stdout.strip().splitlines()[-1])
+    assert loss == pytest.approx(want, rel=1e-6)
+    # d/dy_pred: sign / (count_g * present groups) = +-1 / (2 * 2), group 2: -1 / (1 * 2).
+    np.testing.assert_allclose(grad, [0.25, 0.25, -0.5, 0.0], rtol=1e-6)
