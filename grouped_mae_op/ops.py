@@ -101,18 +101,22 @@ def grouped_mae_stats(
         return sums, weights
 
 
-def _row_grad(op, group_scale, upstream):
-    """[grad y_true, grad y_pred] for an op whose inputs start (y_true, y_pred, ids, ...)."""
-    y_true, y_pred, ids = op.inputs[0], op.inputs[1], op.inputs[2]
-    grad = _ops.grouped_mae_grad(
-        y_true,
-        y_pred,
-        ids,
-        op.inputs[4],
+def _grad_op(op, sample_weight, group_scale, upstream):
+    """GroupedMaeGrad on the (y_true, y_pred, ids) inputs of `op`, with its sample weights."""
+    return _ops.grouped_mae_grad(
+        op.inputs[0],
+        op.inputs[1],
+        op.inputs[2],
+        sample_weight,
         group_scale,
-        tf.cast(upstream, y_pred.dtype),
+        tf.cast(upstream, op.inputs[1].dtype),
         has_sample_weight=op.get_attr("has_sample_weight"),
     )
+
+
+def _row_grad(op, group_scale, upstream):
+    """[grad y_true, grad y_pred] for an op whose inputs start (y_true, y_pred, ids, ...)."""
+    grad = _grad_op(op, op.inputs[4], group_scale, upstream)
     # In eager mode TF tells which input gradients nobody asked for; skip that negation.
     skip = getattr(op, "skip_input_indices", None) or ()
     return [None if 0 in skip else -grad, grad]
@@ -140,17 +144,9 @@ def _grouped_mae_grad_grad(op, grad_grad):
     sign inside tf.abs's gradient to zero too); in the group scales and in upstream it is
     linear. Sample weights and ids get none, as in the first order.
     """
-    y_true, y_pred, ids, sample_weight, scale, upstream = op.inputs
+    _, y_pred, ids, sample_weight, scale, upstream = op.inputs
     # w / D * sign(y_pred - y_true) per element: the op with every scale and upstream 1.
-    unit = _ops.grouped_mae_grad(
-        y_true,
-        y_pred,
-        ids,
-        sample_weight,
-        tf.ones_like(scale),
-        tf.ones_like(upstream),
-        has_sample_weight=op.get_attr("has_sample_weight"),
-    )
+    unit = _grad_op(op, sample_weight, tf.ones_like(scale), tf.ones_like(upstream))
     per_element = tf.cast(grad_grad, scale.dtype) * tf.cast(unit, scale.dtype)
     per_row = tf.reduce_sum(per_element, axis=tf.range(1, tf.rank(per_element)))
     # Ignored rows (negative ids) are dropped by unsorted_segment_sum, and are 0 anyway.

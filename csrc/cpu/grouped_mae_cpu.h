@@ -606,6 +606,16 @@ inline int64_t group_shards(int64_t g, int64_t threads) {
   return std::max<int64_t>(1, std::min(threads, (g + kFinalizeChunk - 1) / kFinalizeChunk));
 }
 
+// fn(k) for every group k in [0, g), the groups split into group_shards(g, threads) contiguous
+// ranges run by run_shards (each k exactly once; for element-wise passes over the groups).
+template <typename RunShards, typename Fn>
+void for_each_group(int64_t g, int64_t threads, RunShards&& run_shards, Fn&& fn) {
+  const int64_t parts = group_shards(g, threads);
+  run_shards(parts, [&](int64_t p) {
+    for (int64_t k = g * p / parts; k < g * (p + 1) / parts; ++k) fn(k);
+  });
+}
+
 // S and W as two [G] arrays (zero for an empty group) from the output of `stats`, on up to
 // `threads` shards (run_shards, as in `stats`).
 template <typename Out, typename RunShards>
@@ -620,10 +630,7 @@ void unpack(const double* sw, const Touched& touched, int64_t g, Out* sums, Out*
     for (const int64_t k : touched.groups) one(k);
     return;
   }
-  const int64_t parts = group_shards(g, threads);
-  run_shards(parts, [&](int64_t p) {
-    for (int64_t k = g * p / parts; k < g * (p + 1) / parts; ++k) one(k);
-  });
+  for_each_group(g, threads, run_shards, one);
 }
 
 // Loss and per-group gradient scales from the output of `stats` (S_k, W_k). Group weights
@@ -670,10 +677,8 @@ double finalize(const double* sw, const Touched& touched, const T* group_weights
   });
   for (int64_t c = 0; c < chunks; ++c) num += chunk_num[c], vsum += chunk_vsum[c];
   if (scale != nullptr) {
-    run_shards(parts, [&](int64_t p) {
-      for (int64_t k = g * p / parts; k < g * (p + 1) / parts; ++k) {
-        scale[k] = static_cast<Out>(group_grad_scale(sw[2 * k + 1], v_of(k), vsum));
-      }
+    for_each_group(g, threads, run_shards, [&](int64_t k) {
+      scale[k] = static_cast<Out>(group_grad_scale(sw[2 * k + 1], v_of(k), vsum));
     });
   }
   return finalize_loss(num, vsum);
